@@ -1,0 +1,82 @@
+"""Pure signal processing on fMRI arrays: no I/O, no globals.
+
+Shapes: ``(voxels, time)`` for a masked run, ``(voxels, n_trs)`` for a window.
+Times are in seconds, indices are volume (TR) indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TR = 4.0 / 3.0  # NSD 1.8 mm time series, seconds per volume
+N_VOLUMES_USED = 225  # 226 volumes per run; the design TSV has one row fewer
+
+
+def window_bounds(t: int, offset: float = 4.6, duration: float = 8.0, tr: float = TR) -> tuple[int, int]:
+    """Volume range ``[start, end)`` of the fMRI window for an event at volume ``t``.
+
+    Reproduces the original exactly, quirk included: the end is computed by
+    rounding ``offset + duration`` in seconds *before* dividing by the TR
+    (``int(round(4.6 + 8.0) / TR) == 9``). Python's ``round`` (half to even).
+    """
+    start = t + round(offset / tr)
+    end = t + int(round(offset + duration) / tr)
+    if end <= start:
+        raise ValueError(f"empty window for offset={offset} s, duration={duration} s (TR {tr:.4f} s)")
+    return start, end
+
+
+def detrend_zscore(x: np.ndarray) -> np.ndarray:
+    """Remove each voxel's least-squares linear trend, then z-score it over time.
+
+    ``x``: (voxels, time), any real dtype; returns float32 of the same shape.
+    Standard deviation with ddof=1 (``zscore_sample``); a voxel whose standard
+    deviation is below float64 machine epsilon is divided by 1, so a constant
+    voxel becomes exact zeros. Equivalent to
+    ``nilearn.signal.clean(x.T, detrend=True, standardize="zscore_sample").T``.
+    Works in float32 for the (voxels, time) array; reductions accumulate in
+    float64.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"expected a (voxels, time) array, got shape {x.shape}")
+    n_time = x.shape[1]
+    if n_time < 2:
+        raise ValueError(f"need at least 2 time points to z-score, got {n_time}")
+    out = np.asarray(x, dtype=np.float32).copy()
+    # Mean first, then the centred ramp: a constant voxel stays exactly zero.
+    out -= out.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    ramp = np.arange(n_time, dtype=np.float64)
+    ramp -= ramp.mean()
+    slope = _chunked_dot(out, ramp) / (ramp @ ramp)  # (voxels,)
+    out -= np.outer(slope, ramp).astype(np.float32)
+    std = out.std(axis=1, ddof=1, keepdims=True, dtype=np.float64)
+    std[std < np.finfo(np.float64).eps] = 1.0
+    out /= std.astype(np.float32)
+    return out
+
+
+def _chunked_dot(x: np.ndarray, v: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """``x @ v`` in float64 without a float64 copy of all of ``x``."""
+    return np.concatenate([x[i : i + rows].astype(np.float64) @ v for i in range(0, len(x), rows)])
+
+
+def extract_windows(run: np.ndarray, volumes, offset: float = 4.6, duration: float = 8.0, tr: float = TR) -> np.ndarray:
+    """Windows of a preprocessed run for events at the given volume indices.
+
+    ``run``: (voxels, time); returns (n_events, voxels, n_trs) float32.
+    A window that would run past the end of the run is an error, never padded.
+    """
+    n_time = run.shape[1]
+    out = []
+    for t in volumes:
+        start, end = window_bounds(int(t), offset, duration, tr)
+        if start < 0 or end > n_time:
+            raise ValueError(
+                f"window [{start}, {end}) of the event at volume {t} runs past the run's {n_time} volumes "
+                f"(offset={offset} s, duration={duration} s)"
+            )
+        out.append(run[:, start:end])
+    if not out:
+        n_trs = window_bounds(0, offset, duration, tr)
+        return np.zeros((0, run.shape[0], n_trs[1] - n_trs[0]), dtype=np.float32)
+    return np.stack(out).astype(np.float32, copy=False)
