@@ -5,14 +5,15 @@ key is an error, never silently ignored. A config builds the object it
 describes with ``.build()``.
 """
 
-from __future__ import annotations
 
 import typing as tp
 from pathlib import Path
 
 import exca
+import numpy as np
 import pydantic
 
+from dynadiff.data import nsd
 from dynadiff.data.nsd import SUBJECTS
 
 
@@ -64,6 +65,19 @@ class NsdDatasetConfig(StrictModel):
         if v < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {v}")
         return v
+
+    @infra.apply(
+        item_uid=lambda item: item.uid,
+        exclude_from_cache_uid=("averaged", "seed", "split", "sessions", "image_size"),
+    )
+    def run_windows(self, items: tp.Sequence[nsd.RunEvents]) -> tp.Iterator[np.ndarray]:
+        """Per item (one run and some of its event volumes): windows (n_events, voxels, n_trs) float32.
+
+        Each run is loaded and cleaned once for all its events.
+        """
+        from dynadiff.data.dataset import compute_run_windows
+
+        yield from compute_run_windows(self, items)
 
     def build(self, subject_idx: int = 0):
         """The torch ``Dataset`` of this config's windows (computed or read from the cache)."""

@@ -135,3 +135,18 @@ def load_test_ids(root: Path) -> np.ndarray:
 def stimulus_png(root: Path, nsd_id: int) -> Path:
     """PNG of a 1-based NSD id (row ``id - 1`` of ``imgBrick``)."""
     return Path(root) / STIMULI_PNG_DIR / f"{int(nsd_id) - 1}.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEvents:
+    """The events of one run whose windows are wanted: the unit of caching."""
+
+    run: Run
+    volumes: tuple[int, ...]
+
+    @property
+    def uid(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha1(",".join(map(str, self.volumes)).encode()).hexdigest()[:12]
+        return f"{self.run.uid}_{len(self.volumes)}ev_{digest}"

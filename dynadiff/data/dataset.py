@@ -1,0 +1,220 @@
+"""NSD fMRI windows and stimuli as a torch ``Dataset`` (SPEC §2).
+
+Flow: list the subject's task runs -> read each design -> keep the events of
+the split -> per run, load + mask + clean the series once and cut every
+event's window (cached per run by the config's exca ``MapInfra``) -> group
+repetitions by image in order of first appearance -> average them, pick one
+(seeded ``random.choice``) or keep all.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+
+from dynadiff.data import nsd
+from dynadiff.data.preprocess import N_VOLUMES_USED, detrend_zscore, extract_windows, window_bounds
+
+if tp.TYPE_CHECKING:
+    from dynadiff.config import NsdDatasetConfig
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_VOLUMES = 16  # volumes read at once when streaming a 4D series
+
+
+def load_mask(root: Path, subject: int) -> np.ndarray:
+    """Boolean 3D nsdgeneral mask (``> 0``)."""
+    path = nsd.roi_path(root, subject)
+    data = np.asanyarray(_open_nifti(path).dataobj)
+    if data.ndim != 3:
+        raise nsd.NsdDataError(f"{path} should be a 3D volume, got shape {data.shape}")
+    return data > 0
+
+
+def _open_nifti(path: Path):
+    import nibabel as nib
+
+    if not Path(path).exists():
+        raise nsd.NsdDataError(f"missing NIfTI file {path}")
+    try:
+        return nib.load(str(path), keep_file_open=True)
+    except Exception as e:  # nibabel raises several types for corrupt files
+        raise nsd.NsdDataError(f"cannot read NIfTI file {path} ({type(e).__name__}: {e}); re-download it") from e
+
+
+def load_masked_run(path: Path, mask: np.ndarray, n_volumes: int = N_VOLUMES_USED) -> np.ndarray:
+    """(voxels, n_volumes) float32: the masked first ``n_volumes`` volumes of a 4D series.
+
+    Streams a few volumes at a time and masks them before any conversion to
+    float, so memory stays at one chunk of raw volumes plus the masked output
+    (never a float64 copy of the 4D run).
+    """
+    img = _open_nifti(path)
+    shape = img.shape
+    if len(shape) != 4 or tuple(shape[:3]) != mask.shape:
+        raise nsd.NsdDataError(
+            f"{path} has shape {shape}, expected 4D volumes of shape {mask.shape} (the subject's nsdgeneral mask)"
+        )
+    if shape[3] < n_volumes:
+        raise nsd.NsdDataError(f"{path} has {shape[3]} volumes, expected at least {n_volumes}")
+    out = np.empty((int(mask.sum()), n_volumes), dtype=np.float32)
+    try:
+        for start in range(0, n_volumes, _CHUNK_VOLUMES):
+            stop = min(start + _CHUNK_VOLUMES, n_volumes)
+            chunk = np.asanyarray(img.dataobj[..., start:stop])  # raw dtype unless the file is scaled
+            out[:, start:stop] = chunk[mask]
+    except Exception as e:
+        raise nsd.NsdDataError(f"cannot read NIfTI file {path} ({type(e).__name__}: {e}); re-download it") from e
+    return out
+
+
+def compute_run_windows(cfg: "NsdDatasetConfig", items: tp.Iterable[nsd.RunEvents]) -> tp.Iterator[np.ndarray]:
+    """Windows (n_events, voxels, n_trs) float32 for each item, each run loaded and cleaned once."""
+    root = Path(cfg.nsddata_path)
+    masks: dict[int, np.ndarray] = {}
+    for item in items:
+        subject = item.run.subject
+        if subject not in masks:
+            masks[subject] = load_mask(root, subject)
+        series = load_masked_run(item.run.timeseries_path(root), masks[subject])
+        clean = detrend_zscore(series)
+        yield extract_windows(clean, item.volumes, cfg.offset, cfg.duration)
+
+
+class Trial(tp.NamedTuple):
+    item: int  # index into the list of RunEvents
+    row: int  # row within that item's windows
+    nsd_id: int  # 1-based
+
+
+def list_trials(cfg: "NsdDatasetConfig") -> tuple[list[nsd.RunEvents], list[Trial]]:
+    """The split's events in chronological order (sessions, runs, volumes), grouped per run."""
+    root = Path(cfg.nsddata_path)
+    runs = nsd.list_runs(cfg.subject, cfg.sessions)
+    nsd.check_files_exist(root, runs, cfg.subject)
+    test_ids = nsd.load_test_ids(root)
+    items: list[nsd.RunEvents] = []
+    trials: list[Trial] = []
+    for run in runs:
+        design = nsd.load_design(run.design_path(root), N_VOLUMES_USED)
+        volumes, ids = nsd.events_of_design(design)
+        is_test = np.isin(ids, test_ids)
+        keep = is_test if cfg.split == "test" else ~is_test
+        volumes, ids = volumes[keep], ids[keep]
+        if not len(volumes):
+            continue
+        for t in volumes:
+            start, end = window_bounds(int(t), cfg.offset, cfg.duration)
+            if start < 0 or end > N_VOLUMES_USED:
+                raise nsd.NsdDataError(
+                    f"the window [{start}, {end}) of the event at volume {t} in {run.design_path(root)} runs "
+                    f"past the run's {N_VOLUMES_USED} volumes (offset={cfg.offset} s, duration={cfg.duration} s)"
+                )
+        for row, nsd_id in enumerate(ids):
+            trials.append(Trial(len(items), row, int(nsd_id)))
+        items.append(nsd.RunEvents(run, tuple(int(v) for v in volumes)))
+    return items, trials
+
+
+def group_by_image(trials: tp.Sequence[Trial]) -> dict[int, list[Trial]]:
+    """Repetitions per image, images in order of first appearance (dicts keep insertion order)."""
+    groups: dict[int, list[Trial]] = {}
+    for trial in trials:
+        groups.setdefault(trial.nsd_id, []).append(trial)
+    return groups
+
+
+def select_samples(trials: tp.Sequence[Trial], split: str, averaged: bool, seed: int) -> list[list[Trial]]:
+    """Samples as lists of trials to average.
+
+    - averaged: one sample per image, the mean of all its repetitions;
+    - test, unaveraged: one repetition per image, ``random.seed(seed)`` then
+      ``random.choice`` per image in order of first appearance (the original's);
+    - train, unaveraged: every repetition is its own sample, chronological order.
+    """
+    if split == "train" and not averaged:
+        return [[t] for t in trials]
+    groups = group_by_image(trials)
+    if averaged:
+        return list(groups.values())
+    rng = random.Random(seed)  # same sequence as random.seed(seed); random.choice(...)
+    return [[rng.choice(reps)] for reps in groups.values()]
+
+
+class NsdDataset:
+    """torch ``Dataset``: ``{"brain": (V, T) float32, "img": (3, S, S) float in [0, 1], "subject_idx": long}``.
+
+    ``nsd_ids[i]`` is the 1-based NSD id of sample ``i``; windows are read
+    from the exca cache (memory-mapped) when a sample is asked for.
+    """
+
+    def __init__(self, windows: list[np.ndarray], samples: list[list[Trial]], root: Path, image_size: int,
+                 subject_idx: int = 0) -> None:
+        self._windows = windows
+        self._samples = samples
+        self._root = Path(root)
+        self.image_size = image_size
+        self.subject_idx = subject_idx
+        self.nsd_ids = [s[0].nsd_id for s in samples]
+        self.n_repetitions = [len(s) for s in samples]
+        first = windows[0] if windows else np.zeros((0, 0, 0))
+        self.n_voxels, self.n_trs = (first.shape[1], first.shape[2]) if first.ndim == 3 else (0, 0)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def brain(self, index: int) -> np.ndarray:
+        """(V, T) float32 window (mean over the sample's repetitions)."""
+        trials = self._samples[index]
+        if len(trials) == 1:
+            t = trials[0]
+            return np.array(self._windows[t.item][t.row], dtype=np.float32)
+        acc = np.zeros((self.n_voxels, self.n_trs), dtype=np.float64)
+        for t in trials:
+            acc += self._windows[t.item][t.row]
+        return (acc / len(trials)).astype(np.float32)
+
+    def image(self, index: int) -> np.ndarray:
+        """(S, S, 3) uint8: the stimulus PNG, RGB, resized with bilinear filtering."""
+        return load_stimulus(self._root, self.nsd_ids[index], self.image_size)
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        img = torch.from_numpy(self.image(index).copy()).permute(2, 0, 1).float().div_(255.0)
+        return {
+            "brain": torch.from_numpy(self.brain(index)),
+            "img": img,
+            "subject_idx": torch.tensor(self.subject_idx, dtype=torch.long),
+        }
+
+
+def load_stimulus(root: Path, nsd_id: int, size: int = 512) -> np.ndarray:
+    from PIL import Image
+
+    path = nsd.stimulus_png(root, nsd_id)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def build_dataset(cfg: "NsdDatasetConfig", subject_idx: int = 0) -> NsdDataset:
+    root = Path(cfg.nsddata_path)
+    items, trials = list_trials(cfg)
+    if not trials:
+        raise nsd.NsdDataError(f"no {cfg.split} events for subject {cfg.subject} under {root}")
+    samples = select_samples(trials, cfg.split, cfg.averaged, cfg.seed)
+    missing = sorted({s[0].nsd_id for s in samples if not nsd.stimulus_png(root, s[0].nsd_id).exists()})
+    if missing:
+        raise nsd.NsdDataError(
+            f"{len(missing)} stimulus PNG(s) missing under {root / nsd.STIMULI_PNG_DIR} (e.g. "
+            f"{nsd.stimulus_png(root, missing[0])}); run `python prepare_data.py --path {root} --skip-download`"
+        )
+    logger.info("subject %d, %s: %d events in %d runs -> %d samples", cfg.subject, cfg.split, len(trials), len(items),
+                len(samples))
+    windows = list(cfg.run_windows(items))
+    return NsdDataset(windows, samples, root, cfg.image_size, subject_idx=subject_idx)
