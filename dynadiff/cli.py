@@ -1,0 +1,120 @@
+"""Shared command-line helpers: ``KEY=VALUE`` overrides of a validated config.
+
+``apply_overrides(Config, base, ["data.nsd_dataset_config.nsddata_path=/data/nsd"])``
+walks the pydantic model classes to check every key before anything runs:
+an unknown key names the closest valid prefix and what it allows; a wrong
+value names the key and pydantic's reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import typing as tp
+from pathlib import Path
+
+import pydantic
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value given by the user is invalid."""
+
+
+def _model_class(annotation) -> type[pydantic.BaseModel] | None:
+    """The BaseModel class behind an annotation (``X``, ``X | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in tp.get_args(annotation):
+        cls = _model_class(arg)
+        if cls is not None:
+            return cls
+    return None
+
+
+def check_key(model: type[pydantic.BaseModel], key: str) -> None:
+    """Raise :class:`ConfigError` unless ``key`` (dotted) names a field of ``model``."""
+    cls: type[pydantic.BaseModel] | None = model
+    done: list[str] = []
+    for part in key.split("."):
+        if cls is None:
+            raise ConfigError(f"unknown config key {key!r}: {'.'.join(done)!r} has no sub-keys")
+        fields = {name: f for name, f in cls.model_fields.items() if not name.startswith("_")}
+        if part not in fields:
+            where = f"under {'.'.join(done)!r}" if done else "at the top level"
+            raise ConfigError(f"unknown config key {key!r}: allowed keys {where} are {sorted(fields)}")
+        cls = _model_class(fields[part].annotation)
+        done.append(part)
+
+
+def parse_value(text: str) -> tp.Any:
+    """YAML scalar/list syntax: ``3``, ``0.5``, ``true``, ``null``, ``[1,21]``, ``./path``."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: tp.Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else _as_dict(child)
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _as_dict(value: tp.Any) -> dict:
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(exclude_unset=True)
+    raise ConfigError(f"cannot set a sub-key of a non-mapping value {value!r}")
+
+
+M = tp.TypeVar("M", bound=pydantic.BaseModel)
+
+
+def apply_overrides(model: type[M], base: dict, overrides: tp.Sequence[str]) -> M:
+    """Validate ``base`` (nested dict) with ``KEY=VALUE`` overrides applied, as ``model``."""
+    tree = dict(base)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        check_key(model, key)
+        set_dotted(tree, key, parse_value(text))
+    return validate(model, tree)
+
+
+def validate(model: type[M], tree: dict) -> M:
+    try:
+        return model.model_validate(tree)
+    except pydantic.ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                parent = ".".join(str(p) for p in err["loc"][:-1])
+                lines.append(f"unknown config key {loc!r} (not a field of {parent or 'the config'})")
+            else:
+                lines.append(f"invalid value for {loc!r}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} should hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
