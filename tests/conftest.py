@@ -22,28 +22,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 
 
-def _prepare_stimuli(root: Path) -> None:
-    """Minimal preparation of a synthetic NSD (PNGs + test ids), independent of prepare_data."""
-    import h5py
-    import numpy as np
-    import scipy.io
-    from PIL import Image
-
-    mat = scipy.io.loadmat(root / "nsd_expdesign.mat")
-    np.save(root / "test_images_ids.npy", mat["sharedix"].ravel().astype(np.int64))
-    (root / "nsd_stimuli").mkdir(exist_ok=True)
-    with h5py.File(root / "nsd_stimuli.hdf5", "r") as f:
-        brick = f["imgBrick"]
-        for k in range(len(brick)):
-            Image.fromarray(brick[k]).save(root / "nsd_stimuli" / f"{k}.png")
-
-
 @pytest.fixture(scope="session")
 def synthetic_nsd(tmp_path_factory):
     """A prepared synthetic mini-NSD for subject 1, sessions 1 and 21 (read-only: copy it to modify)."""
+    from dynadiff.data.stimuli import prepare_stimuli
     from dynadiff.data.synthetic import write_synthetic_nsd
 
     root = tmp_path_factory.mktemp("mini_nsd")
     info = write_synthetic_nsd(root, subjects=(1,), seed=0)
-    _prepare_stimuli(root)
+    prepare_stimuli(root, images="all", subjects=(1,), workers=1)
     return root, info

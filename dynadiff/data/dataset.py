@@ -157,7 +157,7 @@ class NsdDataset:
                  subject_idx: int = 0) -> None:
         self._windows = windows
         self._samples = samples
-        self._root = Path(root)
+        self.root = Path(root)
         self.image_size = image_size
         self.subject_idx = subject_idx
         self.nsd_ids = [s[0].nsd_id for s in samples]
@@ -181,7 +181,7 @@ class NsdDataset:
 
     def image(self, index: int) -> np.ndarray:
         """(S, S, 3) uint8: the stimulus PNG, RGB, resized with bilinear filtering."""
-        return load_stimulus(self._root, self.nsd_ids[index], self.image_size)
+        return load_stimulus(self.root, self.nsd_ids[index], self.image_size)
 
     def __getitem__(self, index: int) -> dict:
         import torch
