@@ -88,3 +88,114 @@ class NsdDatasetConfig(StrictModel):
 
 class DataConfig(StrictModel):
     nsd_dataset_config: NsdDatasetConfig = NsdDatasetConfig()
+
+
+# ---------------------------------------------------------------------------
+# Evaluation (eval.py)
+# ---------------------------------------------------------------------------
+
+from dynadiff.metrics.config import IdentificationDirection, MetricsWeightsConfig  # noqa: E402
+from dynadiff.models.config import FmriMLPConfig, VersatileDiffusionConfig  # noqa: E402
+
+
+class InfraResources(StrictModel):
+    """Where and with what resources an exca map runs (the sections of ``custom_infra.yaml``).
+
+    Unset fields keep exca's defaults; ``folder`` defaults to the run's cache folder.
+    """
+
+    cluster: tp.Literal["auto", "local", "slurm", "debug", "threadpool", "processpool"] | None = None
+    folder: Path | None = None
+    cpus_per_task: int | None = pydantic.Field(None, ge=1)
+    gpus_per_node: int | None = pydantic.Field(None, ge=0)
+    mem_gb: float | None = pydantic.Field(None, gt=0)
+    max_jobs: int | None = pydantic.Field(None, ge=1)
+    min_samples_per_job: int | None = pydantic.Field(None, ge=1)
+    timeout_min: int | None = pydantic.Field(None, ge=1)
+    slurm_partition: str | None = None
+    slurm_constraint: str | None = None
+    mode: tp.Literal["cached", "force", "read-only"] | None = None
+
+    def infra_kwargs(self, folder: Path | None = None) -> dict:
+        out = self.model_dump(exclude_none=True)
+        if folder is not None:
+            out.setdefault("folder", folder)
+        return out
+
+
+class ReconstructionConfig(StrictModel):
+    """Reconstruct the test images of one subject, cached per test image by exca.
+
+    The cache key holds everything that changes the images: the data
+    selection, both model configs, the checkpoint (path *and* a digest of its
+    files' sizes and modification times) and the sampler settings; it leaves
+    out ``device`` and ``batch_size`` (sampling is batch-invariant).
+    """
+
+    data: NsdDatasetConfig = NsdDatasetConfig()
+    brain_modules_config: FmriMLPConfig = FmriMLPConfig()
+    versatilediffusion_config: VersatileDiffusionConfig = VersatileDiffusionConfig()
+    checkpoint: Path = Path("./checkpoints/subj01")
+    checkpoint_digest: str = ""
+    allow_missing_keys: bool = False
+    device: str = "auto"
+    batch_size: int = pydantic.Field(4, ge=1)
+    infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
+
+    @infra.apply(item_uid=str, exclude_from_cache_uid=("device", "batch_size"))
+    def generate(self, indices: tp.Sequence[int]) -> tp.Iterator[np.ndarray]:
+        """(H, W, 3) uint8 reconstruction of each test index (before face blurring)."""
+        from dynadiff.evaluation import generate_images
+
+        yield from generate_images(self, indices)
+
+
+class EvalConfig(StrictModel):
+    """``eval.py``: reconstruct a subject's test images, then measure them (SPEC §5).
+
+    ``infra`` (an exca ``TaskInfra``) caches the finished run; its ``folder`` is
+    where ``reconstructions_subjXX_{averaged|unaveraged}/`` is written.
+    ``image_generation`` holds the resources of the per-image generation map
+    (the original's ``map_infra_image_generation``).
+    """
+
+    data: DataConfig = DataConfig()
+    brain_modules_config: FmriMLPConfig = FmriMLPConfig()
+    versatilediffusion_config: VersatileDiffusionConfig = VersatileDiffusionConfig()
+    checkpoint: Path | None = None  # None: ./checkpoints/subjXX
+    allow_missing_keys: bool = False
+    device: str = "auto"
+    batch_size: int = pydantic.Field(4, ge=1)
+    limit: int | None = pydantic.Field(None, ge=1)
+    blur_faces: bool = True
+    metrics: list[str] | None = None  # None: every metric whose weights are present
+    identification: IdentificationDirection = "per_ground_truth"
+    metrics_weights: MetricsWeightsConfig = MetricsWeightsConfig()
+    overview_images: int = pydantic.Field(8, ge=0)
+    compute_miou: bool = False
+    infra: exca.TaskInfra = exca.TaskInfra(folder="./cache", version="1", mode="retry")
+    image_generation: InfraResources = InfraResources()
+
+    @pydantic.field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            from dynadiff.metrics.config import METRIC_NAMES
+
+            unknown = [m for m in v if m not in METRIC_NAMES]
+            if unknown:
+                raise ValueError(f"unknown metric(s) {unknown}: choose among {list(METRIC_NAMES)}")
+        return v
+
+    @property
+    def output_dir(self) -> Path:
+        nsd_cfg = self.data.nsd_dataset_config
+        mode = "averaged" if nsd_cfg.averaged else "unaveraged"
+        return Path(self.infra.folder or "./cache") / f"reconstructions_subj{nsd_cfg.subject:02d}_{mode}"
+
+    @infra.apply(exclude_from_cache_uid=("device", "batch_size", "image_generation", "overview_images"))
+    def run(self) -> dict:
+        """Generate (or read from the cache) every image, write the outputs, compute the metrics."""
+        from dynadiff.evaluation import run_evaluation
+
+        return run_evaluation(self)

@@ -1,0 +1,232 @@
+"""The evaluation pipeline behind ``eval.py`` (SPEC §5).
+
+1. the subject's test windows (``dynadiff.data``), cached by exca;
+2. one reconstruction per test image, cached per image by exca
+   (:class:`dynadiff.config.ReconstructionConfig`): an interrupted run
+   resumes with the missing images only;
+3. faces pixelated (before saving and before metrics, as the original);
+4. ``{i}.png`` / ``{i}_gt.png``, ``metrics.json``, ``metrics.md``,
+   ``overview.png`` and ``config.yaml`` in the output folder; ``metrics.json``
+   is written last, so its presence means the run finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+
+from dynadiff.config import EvalConfig, ReconstructionConfig
+
+logger = logging.getLogger(__name__)
+
+GT_SIZE = 512  # ground truths are saved and measured at 512x512 (SPEC §2, §5)
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run as configured (missing or mismatched inputs)."""
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
+    return name
+
+
+def default_checkpoint(subject: int) -> Path:
+    return Path("checkpoints") / f"subj{subject:02d}"
+
+
+def checkpoint_digest(path: Path) -> str:
+    """Digest of a checkpoint file or folder: relative names, sizes and modification times."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def check_checkpoint(path: Path, subject: int) -> None:
+    if not Path(path).exists():
+        raise EvaluationError(
+            f"checkpoint {path} not found: put the published subj{subject:02d} folder there (see "
+            "checkpoints/README.md), or pass --checkpoint PATH (a train.py output or a converted .safetensors)"
+        )
+
+
+def build_decoder(cfg: ReconstructionConfig, n_voxels: int):
+    """The model with the checkpoint's weights, on its device, in eval mode; a clear error on mismatch."""
+    from dynadiff.checkpoint import load_checkpoint
+
+    device = resolve_device(cfg.device)
+    model = cfg.versatilediffusion_config.build(cfg.brain_modules_config, n_voxels=n_voxels, device=device)
+    load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
+    model.eval()
+    return model, device
+
+
+def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.Iterator[np.ndarray]:
+    """(H, W, 3) uint8 reconstructions of the given test indices, in order, in batches."""
+    import torch
+
+    indices = list(indices)
+    if not indices:
+        return
+    ds = cfg.data.build()
+    model, device = build_decoder(cfg, ds.n_voxels)
+    vd = cfg.versatilediffusion_config
+    for start in range(0, len(indices), cfg.batch_size):
+        batch = indices[start : start + cfg.batch_size]
+        brain = torch.from_numpy(np.stack([ds.brain(i) for i in batch])).to(device)
+        subject_idx = torch.zeros(len(batch), dtype=torch.long, device=device)
+        with torch.no_grad():
+            images = model.reconstruct(brain, subject_idx, seed=vd.seed)
+        for img in images:
+            yield (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(array).save(tmp)
+    tmp.replace(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def metrics_table(result: dict) -> str:
+    """Markdown table: each metric next to its chance level (exact, or measured on shuffled pairs)."""
+    from dynadiff.metrics.catalog import METRICS
+
+    lines = [
+        f"Metrics on {result['n_images']} test images "
+        f"(identification: {result['identification'].replace('_', ' ')}).",
+        "",
+        "| metric | value | chance | better |",
+        "| --- | ---: | ---: | :---: |",
+    ]
+    for m in result["metrics"]:
+        info = METRICS[m]
+        chance = result["chance"].get(m)
+        if chance is None and m in result.get("shuffled", {}):
+            chance_text = f"{result['shuffled'][m]:.4f} (shuffled pairs)"
+        else:
+            chance_text = "n/a" if chance is None else f"{chance:.4f}"
+        lines.append(f"| {info.label} | {result['means'][m]:.4f} | {chance_text} | {'↑' if info.higher_is_better else '↓'} |")
+    for m, why in result.get("skipped", {}).items():
+        lines.append(f"| {METRICS[m].label} | skipped | | |")
+    if result.get("skipped"):
+        lines += ["", "Skipped:"] + [f"- {METRICS[m].label}: {why}" for m, why in result["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def overview_grid(gts: list[np.ndarray], recs: list[np.ndarray], n: int, tile: int = 160) -> np.ndarray:
+    """(2*tile, k*tile, 3) uint8: ground truths above their reconstructions, k evenly spaced images."""
+    from PIL import Image
+
+    k = min(n, len(recs))
+    picks = np.linspace(0, len(recs) - 1, k).round().astype(int) if k else []
+    rows = []
+    for images in (gts, recs):
+        rows.append(np.concatenate(
+            [np.asarray(Image.fromarray(images[i]).resize((tile, tile), Image.Resampling.BILINEAR)) for i in picks], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def preflight(cfg: EvalConfig) -> None:
+    """Check every input before any work, so that a bad one is one clear error and nothing is written."""
+    from dynadiff.data.nsd import NsdDataError
+    from dynadiff.metrics.suite import available_metrics
+    from dynadiff.metrics.weights import MissingWeightsError
+    from dynadiff.models.vd import check_vd_folder
+
+    nsd_cfg = cfg.data.nsd_dataset_config
+    if cfg.compute_miou:
+        raise EvaluationError(
+            "--compute-miou needs the separate segmentation environment (ViT-Adapter), which this release does "
+            "not set up yet; run without it"
+        )
+    check_checkpoint(cfg.checkpoint or default_checkpoint(nsd_cfg.subject), nsd_cfg.subject)
+    try:
+        check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluationError(str(e)) from e
+    try:
+        from dynadiff.data.dataset import list_trials
+
+        list_trials(nsd_cfg)
+    except NsdDataError as e:
+        raise EvaluationError(str(e)) from e
+    try:
+        available_metrics(cfg.metrics, cfg.metrics_weights)
+    except MissingWeightsError as e:
+        raise EvaluationError(f"{e}\n(`python -m dynadiff.metrics weights` lists what is present)") from e
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    from dynadiff.data.dataset import load_stimulus
+    from dynadiff.faces import blur_faces_batch, load_face_detector
+    from dynadiff.metrics import compute_metrics
+    from dynadiff.models.vd import check_vd_folder
+
+    nsd_cfg = cfg.data.nsd_dataset_config
+    if nsd_cfg.split != "test":
+        raise EvaluationError(f"evaluation runs on the test split, got data.nsd_dataset_config.split={nsd_cfg.split!r}")
+    checkpoint = cfg.checkpoint or default_checkpoint(nsd_cfg.subject)
+    check_checkpoint(checkpoint, nsd_cfg.subject)
+    check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
+    ds = nsd_cfg.build()
+    n = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
+    gen_infra = cfg.image_generation.infra_kwargs(folder=cfg.infra.folder)
+    rec_cfg = ReconstructionConfig(
+        data=nsd_cfg, brain_modules_config=cfg.brain_modules_config,
+        versatilediffusion_config=cfg.versatilediffusion_config, checkpoint=checkpoint,
+        checkpoint_digest=checkpoint_digest(checkpoint), allow_missing_keys=cfg.allow_missing_keys,
+        device=cfg.device, batch_size=cfg.batch_size, infra=gen_infra,
+    )
+    logger.info("reconstructing %d test images of subject %d (cache %s)", n, nsd_cfg.subject, rec_cfg.infra.uid_folder())
+    try:
+        recs = [np.asarray(r) for r in rec_cfg.generate(list(range(n)))]
+    except (OSError, ValueError, EOFError, json.JSONDecodeError) as e:
+        raise EvaluationError(
+            f"reading the image cache {rec_cfg.infra.uid_folder()} failed ({type(e).__name__}: {e}); it may be "
+            "corrupt: delete that folder (or rerun with image_generation.mode=force) to regenerate"
+        ) from e
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # written last: present only for a finished run
+    if cfg.blur_faces:
+        recs = [np.asarray(r) for r in blur_faces_batch(recs, detector=load_face_detector(resolve_device(cfg.device)))]
+    gts = [load_stimulus(ds.root, ds.nsd_ids[i], GT_SIZE) for i in range(n)]
+    for i in range(n):
+        _save_png(recs[i], out / f"{i}.png")
+        _save_png(gts[i], out / f"{i}_gt.png")
+    import yaml
+
+    _write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    if cfg.overview_images:
+        _save_png(overview_grid(gts, recs, cfg.overview_images), out / "overview.png")
+    result = compute_metrics(recs, gts, cfg.metrics, device=resolve_device(cfg.device), batch_size=max(cfg.batch_size, 8),
+                             weights=cfg.metrics_weights, identification=cfg.identification, progress=True)
+    result["subject"] = nsd_cfg.subject
+    result["averaged"] = nsd_cfg.averaged
+    result["checkpoint"] = str(checkpoint)
+    result["output_dir"] = str(out)
+    _write_text(out / "metrics.md", metrics_table(result))
+    _write_text(out / "metrics.json", json.dumps(result, indent=1))
+    return result

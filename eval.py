@@ -1,0 +1,121 @@
+"""Reconstruct a subject's NSD test images with Dynadiff and measure them.
+
+    python eval.py --subject 1 [--averaged-trial] [KEY=VALUE ...]
+
+Defaults come from config/config.yaml; flags override them; KEY=VALUE
+overrides (any config key, validated) come last. Outputs go to
+{cache}/reconstructions_subjXX_{averaged|unaveraged}/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging
+
+logger = logging.getLogger("dynadiff.eval")
+DEFAULT_CONFIG = Path(__file__).parent / "config" / "config.yaml"
+INFRA_YAML_KEYS = {"task_infra_data": "data.nsd_dataset_config.infra", "map_infra_image_generation": "image_generation"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subject", type=int, choices=[1, 2, 5, 7], help="NSD subject (default: from the config, 1)")
+    p.add_argument("--averaged-trial", action="store_true", help="average the repetitions of each test image")
+    p.add_argument("--cache", type=Path, help="cache and output folder (default ./cache)")
+    p.add_argument("--seed", type=int, help="which repetition of each image, unaveraged (default 3)")
+    p.add_argument("--vd_cache_dir", type=Path, help="local Versatile Diffusion folder (Hugging Face layout)")
+    p.add_argument("--infra-yaml", type=Path, help="cluster resources (custom_infra.yaml)")
+    p.add_argument("--compute-miou", action="store_true", help="also compute mIoU (separate environment)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder or .safetensors (default checkpoints/subjXX)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, help="images generated at once")
+    p.add_argument("--limit", type=int, help="only the first N test images")
+    p.add_argument("--no-blur-faces", action="store_true", help="do not pixelate faces in reconstructions")
+    p.add_argument("--metrics", help="comma-separated metric names (default: all whose weights are present)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base YAML config")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
+    return p.parse_args(argv)
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.subject is not None:
+        out.append(f"data.nsd_dataset_config.subject={args.subject}")
+    if args.averaged_trial:
+        out.append("data.nsd_dataset_config.averaged=true")
+    if args.cache is not None:
+        out += [f"{k}={args.cache}" for k in ("data.nsd_dataset_config.infra.folder", "infra.folder", "image_generation.folder")]
+    if args.seed is not None:
+        out.append(f"data.nsd_dataset_config.seed={args.seed}")
+    if args.vd_cache_dir is not None:
+        out.append(f"versatilediffusion_config.vd_cache_dir={args.vd_cache_dir}")
+    if args.compute_miou:
+        out.append("compute_miou=true")
+    if args.checkpoint is not None:
+        out.append(f"checkpoint={args.checkpoint}")
+    if args.device is not None:
+        out.append(f"device={args.device}")
+    if args.batch_size is not None:
+        out.append(f"batch_size={args.batch_size}")
+    if args.limit is not None:
+        out.append(f"limit={args.limit}")
+    if args.no_blur_faces:
+        out.append("blur_faces=false")
+    if args.metrics is not None:
+        out.append(f"metrics=[{args.metrics}]")
+    return out
+
+
+def infra_overrides(path: Path) -> list[str]:
+    """``custom_infra.yaml`` sections mapped onto the config's exca infras."""
+    data = load_yaml(path)
+    unknown = sorted(set(data) - set(INFRA_YAML_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(INFRA_YAML_KEYS)}")
+    out = []
+    for section, values in data.items():
+        for key, value in (values or {}).items():
+            out.append(f"{INFRA_YAML_KEYS[section]}.{key}={value}")
+    return out
+
+
+def build_config(args: argparse.Namespace):
+    from dynadiff.config import EvalConfig
+
+    base = load_yaml(args.config)
+    overrides = flag_overrides(args)
+    if args.infra_yaml is not None:
+        overrides += infra_overrides(args.infra_yaml)
+    return apply_overrides(EvalConfig, base, overrides + list(args.overrides))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    from dynadiff.evaluation import EvaluationError, preflight
+
+    try:
+        cfg = build_config(args)
+        preflight(cfg)
+        result = cfg.run()
+    except (ConfigError, EvaluationError) as e:
+        logger.error("%s", e)
+        return 2 if isinstance(e, ConfigError) else 1
+    from dynadiff.evaluation import metrics_table
+
+    print(metrics_table(result))
+    out = Path(result["output_dir"])
+    print(f"Reconstructions and metrics: {out}")
+    if (out / "overview.png").exists():
+        print(f"Overview (ground truth above reconstruction): {out / 'overview.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
