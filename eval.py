@@ -18,7 +18,8 @@ from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging
 
 logger = logging.getLogger("dynadiff.eval")
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "config.yaml"
-INFRA_YAML_KEYS = {"task_infra_data": "data.nsd_dataset_config.infra", "map_infra_image_generation": "image_generation"}
+# custom_infra.yaml sections -> the config keys they set (dynadiff.infra)
+INFRA_TARGETS = {"task_infra_data": "data.nsd_dataset_config.infra", "map_infra_image_generation": "image_generation"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,26 +72,15 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def infra_overrides(path: Path) -> list[str]:
-    """``custom_infra.yaml`` sections mapped onto the config's exca infras."""
-    data = load_yaml(path)
-    unknown = sorted(set(data) - set(INFRA_YAML_KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(INFRA_YAML_KEYS)}")
-    out = []
-    for section, values in data.items():
-        for key, value in (values or {}).items():
-            out.append(f"{INFRA_YAML_KEYS[section]}.{key}={value}")
-    return out
-
-
 def build_config(args: argparse.Namespace):
     from dynadiff.config import EvalConfig
 
     base = load_yaml(args.config)
     overrides = flag_overrides(args)
     if args.infra_yaml is not None:
-        overrides += infra_overrides(args.infra_yaml)
+        from dynadiff.infra import infra_overrides
+
+        overrides += infra_overrides(args.infra_yaml, INFRA_TARGETS)
     return apply_overrides(EvalConfig, base, overrides + list(args.overrides))
 
 

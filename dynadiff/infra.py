@@ -1,0 +1,62 @@
+"""``custom_infra.yaml``: cluster resources for the exca infras, by section.
+
+Sections (the original's names, plus ``train``):
+
+- ``task_infra_data``: fMRI window preparation (``data.nsd_dataset_config.infra``);
+- ``map_infra_image_generation``: image generation (``image_generation``);
+- ``train``: the training run (``train.py``).
+
+Each section's keys are the fields of :class:`dynadiff.config.InfraResources`;
+an unknown section or key is an error listing the allowed ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dynadiff.cli import ConfigError, load_yaml
+
+SECTIONS = ("task_infra_data", "map_infra_image_generation", "train")
+
+
+def load_infra_yaml(path: Path) -> dict:
+    """``{section: InfraResources}`` for the sections present in the file, validated."""
+    import pydantic
+
+    from dynadiff.config import InfraResources
+
+    data = load_yaml(path)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; allowed sections: {list(SECTIONS)}")
+    out = {}
+    for section, values in data.items():
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} should be a mapping of resources")
+        bad = sorted(set(values) - set(InfraResources.model_fields))
+        if bad:
+            raise ConfigError(
+                f"{path}: unknown key(s) {bad} in section {section!r}; allowed: {sorted(InfraResources.model_fields)}"
+            )
+        try:
+            out[section] = InfraResources(**values)
+        except pydantic.ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"{path}: invalid value in section {section!r}: {msgs}") from None
+    return out
+
+
+def infra_overrides(path: Path, targets: dict[str, str]) -> list[str]:
+    """``KEY=VALUE`` overrides setting each present section's resources on its config key.
+
+    ``targets`` maps section names to dotted config keys (sections without a target
+    are validated but ignored, e.g. ``train`` for ``eval.py``).
+    """
+    out = []
+    for section, resources in load_infra_yaml(path).items():
+        if section not in targets:
+            continue
+        for key, value in resources.model_dump(exclude_none=True).items():
+            out.append(f"{targets[section]}.{key}={value}")
+    return out
