@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base YAML config")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -72,7 +72,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     from dynadiff.config import EvalConfig
 
     base = load_yaml(args.config)
@@ -81,18 +81,20 @@ def build_config(args: argparse.Namespace):
         from dynadiff.infra import infra_overrides
 
         overrides += infra_overrides(args.infra_yaml, INFRA_TARGETS)
-    return apply_overrides(EvalConfig, base, overrides + list(args.overrides))
+    return apply_overrides(EvalConfig, base, overrides + list(args.overrides) + list(extra))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     from dynadiff.evaluation import EvaluationError, preflight
 
+    # exca logs a failed task's traceback as a warning; our errors say what to do instead
+    logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+
     try:
-        cfg = build_config(args)
-        preflight(cfg)
+        digest = preflight(build_config(args))
+        cfg = build_config(args, extra=(f"checkpoint_digest={digest}",))
         result = cfg.run()
     except (ConfigError, EvaluationError) as e:
         logger.error("%s", e)

@@ -163,6 +163,7 @@ class EvalConfig(StrictModel):
     brain_modules_config: FmriMLPConfig = FmriMLPConfig()
     versatilediffusion_config: VersatileDiffusionConfig = VersatileDiffusionConfig()
     checkpoint: Path | None = None  # None: ./checkpoints/subjXX
+    checkpoint_digest: str = ""  # set by eval.py from the files: a changed checkpoint is a new run
     allow_missing_keys: bool = False
     device: str = "auto"
     batch_size: int = pydantic.Field(4, ge=1)
@@ -199,3 +200,165 @@ class EvalConfig(StrictModel):
         from dynadiff.evaluation import run_evaluation
 
         return run_evaluation(self)
+
+
+# ---------------------------------------------------------------------------
+# Training (train.py)
+# ---------------------------------------------------------------------------
+
+
+class TrainDataConfig(StrictModel):
+    """Training data: the non-test events of one or more subjects (SPEC §2 windows).
+
+    ``nsd_dataset_config`` is the data config of every subject (the same keys as
+    ``eval.py``'s); ``split`` must be ``train``. ``subjects``: ``None`` trains on
+    the one subject ``nsd_dataset_config.subject``; a list trains one model with
+    a subject layer per subject (``subject_idx`` = position in the list; windows
+    zero-padded to the largest voxel count), and ``nsd_dataset_config.subject``
+    must then be its first entry. Each repetition is a sample unless
+    ``nsd_dataset_config.averaged``. A fraction ``val_fraction`` of the images
+    (drawn with ``val_seed``, over all subjects together) is held out for
+    validation, with every repetition of them. ``shuffle_pairs`` is a control: it
+    permutes the fMRI windows of the training samples against their images (seeded
+    by the run's ``seed``), so nothing brain-specific can be learnt.
+    """
+
+    nsd_dataset_config: NsdDatasetConfig = NsdDatasetConfig(split="train")
+    subjects: list[int] | None = None
+    val_fraction: float = pydantic.Field(0.05, ge=0.0, lt=1.0)
+    val_seed: int = 0
+    shuffle_pairs: bool = False
+    num_workers: int = pydantic.Field(0, ge=0)  # DataLoader processes loading PNGs (0: in the training process)
+
+    @pydantic.field_validator("nsd_dataset_config")
+    @classmethod
+    def _train_split(cls, v: NsdDatasetConfig) -> NsdDatasetConfig:
+        if v.split != "train":
+            raise ValueError(f"training reads the train split (non-test events), got split={v.split!r}")
+        return v
+
+    @pydantic.field_validator("subjects")
+    @classmethod
+    def _known_subjects(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("subjects must not be empty (use null for the one subject of nsd_dataset_config)")
+            bad = [s for s in v if s not in SUBJECTS]
+            if bad:
+                raise ValueError(f"unknown subject(s) {bad}: NSD subjects with all 40 sessions are {list(SUBJECTS)}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"subjects must not repeat, got {v}")
+        return v
+
+    @pydantic.model_validator(mode="after")
+    def _first_subject(self) -> "TrainDataConfig":
+        if self.subjects is not None and self.nsd_dataset_config.subject != self.subjects[0]:
+            raise ValueError(
+                f"nsd_dataset_config.subject ({self.nsd_dataset_config.subject}) must be the first of subjects "
+                f"{self.subjects}: choose the subjects with train.py --subjects (or data.subjects=[...])"
+            )
+        return self
+
+    @property
+    def subject_list(self) -> list[int]:
+        return list(self.subjects) if self.subjects is not None else [self.nsd_dataset_config.subject]
+
+    def subject_config(self, subject: int) -> NsdDatasetConfig:
+        """The data config of one subject (this config's, with that subject)."""
+        if subject not in self.subject_list:
+            raise ValueError(f"subject {subject} is not among this run's subjects {self.subject_list}")
+        return self.nsd_dataset_config.model_copy(update={"subject": subject})
+
+
+class OptimizerConfig(StrictModel):
+    """AdamW with a linear warm-up and a cosine decay to ``min_lr_ratio * lr``.
+
+    Weight decay applies to matrices only (not to biases and normalisation
+    weights). ``grad_clip``: maximum global gradient norm (``null``: no clipping).
+    """
+
+    lr: float = pydantic.Field(1e-4, gt=0.0)
+    weight_decay: float = pydantic.Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = pydantic.Field(1e-8, gt=0.0)
+    warmup_steps: int = pydantic.Field(500, ge=0)
+    min_lr_ratio: float = pydantic.Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float | None = pydantic.Field(1.0, gt=0.0)
+
+    @pydantic.field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must be within [0, 1), got {list(v)}")
+        return v
+
+
+class TrainConfig(StrictModel):
+    """``train.py``: optimise the brain module and the UNet's LoRA (SPEC §4 training step).
+
+    One optimizer step = ``grad_accumulation`` micro-batches of ``batch_size``
+    samples. Samples are drawn in a fresh seeded permutation per epoch and every
+    random draw of a step (diffusion noise, timesteps, conditioning dropout,
+    brain-module dropout) comes from generators seeded by ``(seed, step)``: a run
+    resumed from a checkpoint continues exactly as if it had not stopped.
+
+    ``mixed_precision``: autocast dtype of the forward pass (trainable weights stay
+    float32); ``auto`` is bf16 on a CUDA device that supports it, else fp16 on
+    CUDA (with loss scaling), else none. ``versatilediffusion_config.precision``
+    is the storage dtype of the frozen UNet and VAE.
+
+    Outputs under ``output_dir``: ``config.yaml``, ``log.csv`` (train/val loss,
+    learning rate, gradient norm, throughput), ``samples/step_XXXXXXX.png``
+    (ground truths above reconstructions of validation images),
+    ``checkpoints/last/{model,state}.safetensors`` and
+    ``checkpoints/best/model.safetensors`` (lowest validation loss);
+    ``model.safetensors`` is what ``eval.py --checkpoint`` reads.
+    ``infra`` (an exca ``TaskInfra``) runs the training in this process
+    (default) or as a SLURM job (``--infra-yaml``, section ``train``).
+    """
+
+    data: TrainDataConfig = TrainDataConfig()
+    brain_modules_config: FmriMLPConfig = FmriMLPConfig()
+    versatilediffusion_config: VersatileDiffusionConfig = VersatileDiffusionConfig()
+    optim: OptimizerConfig = OptimizerConfig()
+    steps: int = pydantic.Field(20000, ge=1)  # optimizer steps
+    batch_size: int = pydantic.Field(8, ge=1)  # samples per micro-batch
+    grad_accumulation: int = pydantic.Field(1, ge=1)  # micro-batches per optimizer step
+    mixed_precision: tp.Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    device: str = "auto"
+    cpu_threads: int | None = pydantic.Field(None, ge=1)  # torch threads on CPU (None: torch's default)
+    log_every: int = pydantic.Field(50, ge=1)  # steps between train-loss rows of log.csv
+    val_every: int = pydantic.Field(1000, ge=0)  # steps between validations (0: at the end only)
+    val_max_samples: int | None = pydantic.Field(None, ge=1)  # None: the whole validation split
+    sample_every: int = pydantic.Field(2000, ge=0)  # steps between sample grids (0: never)
+    n_sample_images: int = pydantic.Field(4, ge=1)
+    checkpoint_every: int = pydantic.Field(1000, ge=1)  # steps between checkpoints (and at the end)
+    output_dir: Path = Path("./runs/train")
+    resume: bool = False  # continue from output_dir/checkpoints/last
+    progress: bool = True  # console progress bar
+    infra: exca.TaskInfra = exca.TaskInfra(version="1")
+
+    @pydantic.model_validator(mode="after")
+    def _coherent(self) -> "TrainConfig":
+        data_size = self.data.nsd_dataset_config.image_size
+        vd_size = self.versatilediffusion_config.image_size
+        if data_size != vd_size:
+            raise ValueError(
+                f"data.nsd_dataset_config.image_size ({data_size}) and versatilediffusion_config.image_size "
+                f"({vd_size}) must be equal: the decoder trains on images of the size it draws"
+            )
+        if self.data.val_fraction == 0 and self.val_every:
+            raise ValueError("val_fraction is 0 (no validation split): set val_every=0 too, or a val_fraction > 0")
+        return self
+
+    @property
+    def subjects(self) -> list[int]:
+        return self.data.subject_list
+
+    @infra.apply(exclude_from_cache_uid=("device", "cpu_threads", "progress", "resume", "data.num_workers"))
+    def run(self) -> dict:
+        """Train (or continue with ``resume``); returns a summary (steps, losses, checkpoint paths)."""
+        from dynadiff.training import train
+
+        return train(self)

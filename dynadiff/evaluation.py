@@ -66,11 +66,18 @@ def check_checkpoint(path: Path, subject: int) -> None:
 
 def build_decoder(cfg: ReconstructionConfig, n_voxels: int):
     """The model with the checkpoint's weights, on its device, in eval mode; a clear error on mismatch."""
-    from dynadiff.checkpoint import load_checkpoint
+    from dynadiff.checkpoint import CheckpointError, load_checkpoint
 
     device = resolve_device(cfg.device)
     model = cfg.versatilediffusion_config.build(cfg.brain_modules_config, n_voxels=n_voxels, device=device)
-    load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
+    try:
+        load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
+    except CheckpointError as e:
+        subject = cfg.data.subject
+        raise EvaluationError(
+            f"checkpoint {cfg.checkpoint} does not fit subject {subject} ({n_voxels} nsdgeneral voxels) with this "
+            f"brain_modules_config; is it the checkpoint of another subject?\n{e}"
+        ) from e
     model.eval()
     return model, device
 
@@ -84,6 +91,7 @@ def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.
         return
     ds = cfg.data.build()
     model, device = build_decoder(cfg, ds.n_voxels)
+    logger.info("generating %d image(s) on %s", len(indices), device)
     vd = cfg.versatilediffusion_config
     for start in range(0, len(indices), cfg.batch_size):
         batch = indices[start : start + cfg.batch_size]
@@ -148,8 +156,12 @@ def overview_grid(gts: list[np.ndarray], recs: list[np.ndarray], n: int, tile: i
     return np.concatenate(rows, axis=0)
 
 
-def preflight(cfg: EvalConfig) -> None:
-    """Check every input before any work, so that a bad one is one clear error and nothing is written."""
+def preflight(cfg: EvalConfig) -> str:
+    """Check every input before any work, so that a bad one is one clear error and nothing is written.
+
+    Returns the checkpoint's digest, for ``EvalConfig.checkpoint_digest``: a
+    checkpoint rewritten in place is then a different run (never stale results).
+    """
     from dynadiff.data.nsd import NsdDataError
     from dynadiff.metrics.suite import available_metrics
     from dynadiff.metrics.weights import MissingWeightsError
@@ -161,7 +173,8 @@ def preflight(cfg: EvalConfig) -> None:
             "--compute-miou needs the separate segmentation environment (ViT-Adapter), which this release does "
             "not set up yet; run without it"
         )
-    check_checkpoint(cfg.checkpoint or default_checkpoint(nsd_cfg.subject), nsd_cfg.subject)
+    checkpoint = cfg.checkpoint or default_checkpoint(nsd_cfg.subject)
+    check_checkpoint(checkpoint, nsd_cfg.subject)
     try:
         check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -176,9 +189,11 @@ def preflight(cfg: EvalConfig) -> None:
         available_metrics(cfg.metrics, cfg.metrics_weights)
     except MissingWeightsError as e:
         raise EvaluationError(f"{e}\n(`python -m dynadiff.metrics weights` lists what is present)") from e
+    return checkpoint_digest(checkpoint)
 
 
 def run_evaluation(cfg: EvalConfig) -> dict:
+    from dynadiff import jobs
     from dynadiff.data.dataset import load_stimulus
     from dynadiff.faces import blur_faces_batch, load_face_detector
     from dynadiff.metrics import compute_metrics
@@ -190,18 +205,31 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     checkpoint = cfg.checkpoint or default_checkpoint(nsd_cfg.subject)
     check_checkpoint(checkpoint, nsd_cfg.subject)
     check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
-    ds = nsd_cfg.build()
+    jobs_before = jobs.snapshot(nsd_cfg.infra)
+    try:
+        ds = nsd_cfg.build()
+    except jobs.JOB_ERRORS as e:  # a data preparation job failed (cluster run)
+        raise EvaluationError(jobs.failure_report(nsd_cfg.infra, "data preparation (fMRI windows)", jobs_before,
+                                                  error=e)) from e
     n = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
     gen_infra = cfg.image_generation.infra_kwargs(folder=cfg.infra.folder)
     rec_cfg = ReconstructionConfig(
         data=nsd_cfg, brain_modules_config=cfg.brain_modules_config,
         versatilediffusion_config=cfg.versatilediffusion_config, checkpoint=checkpoint,
-        checkpoint_digest=checkpoint_digest(checkpoint), allow_missing_keys=cfg.allow_missing_keys,
+        checkpoint_digest=cfg.checkpoint_digest or checkpoint_digest(checkpoint), allow_missing_keys=cfg.allow_missing_keys,
         device=cfg.device, batch_size=cfg.batch_size, infra=gen_infra,
     )
     logger.info("reconstructing %d test images of subject %d (cache %s)", n, nsd_cfg.subject, rec_cfg.infra.uid_folder())
+    items = list(range(n))
+    if rec_cfg.infra.mode == "cached":
+        todo = len(jobs.missing_items(rec_cfg.infra, items))
+        logger.info("%d of %d images cached, %d to generate", n - todo, n, todo)
+    jobs_before = jobs.snapshot(rec_cfg.infra)
     try:
-        recs = [np.asarray(r) for r in rec_cfg.generate(list(range(n)))]
+        recs = [np.asarray(r) for r in rec_cfg.generate(items)]
+    except jobs.JOB_ERRORS as e:  # a generation job failed (cluster run): report them all, keep what is done
+        raise EvaluationError(jobs.failure_report(rec_cfg.infra, "image generation", jobs_before, items, error=e,
+                                                  noun="test image")) from e
     except (OSError, ValueError, EOFError, json.JSONDecodeError) as e:
         raise EvaluationError(
             f"reading the image cache {rec_cfg.infra.uid_folder()} failed ({type(e).__name__}: {e}); it may be "

@@ -1,0 +1,199 @@
+"""eval.py end to end on the synthetic mini-NSD with a tiny model (checkpoint through the real save path)."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+N_LIMIT = 6
+
+
+def _load_eval_module():
+    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_nsd, tmp_path_factory):
+    from dynadiff.checkpoint import save_checkpoint
+    from dynadiff.models.config import FmriMLPConfig, VersatileDiffusionConfig
+    from dynadiff.models.tiny import write_tiny_vd
+
+    nsd, info = synthetic_nsd
+    root = tmp_path_factory.mktemp("eval")
+    vd = write_tiny_vd(root / "vd")
+    vd_cfg = VersatileDiffusionConfig(vd_cache_dir=vd, image_size=64)
+    model = vd_cfg.build(FmriMLPConfig(hidden=32), n_voxels=info["n_voxels"][1])
+    ckpt = save_checkpoint(model, root / "subj01.safetensors")
+    other = save_checkpoint(vd_cfg.build(FmriMLPConfig(hidden=32), n_voxels=info["n_voxels"][1] - 7),
+                            root / "other_subject.safetensors")
+    empty = root / "no_weights"
+    empty.mkdir()
+    env = dict(os.environ, TORCH_HOME=str(empty), DYNADIFF_WEIGHTS=str(empty), OMP_NUM_THREADS="1")
+    base = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--batch-size", "2",
+            f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
+            "brain_modules_config.hidden=32", "versatilediffusion_config.image_size=64",
+            "versatilediffusion_config.num_inference_steps=2"]
+    return {"root": root, "nsd": nsd, "vd": vd, "ckpt": ckpt, "other": other, "env": env, "base": base}
+
+
+def _run(setup, cache, *extra, checkpoint=None, wait=True):
+    cmd = [sys.executable, str(REPO / "eval.py"), *setup["base"], "--cache", str(cache),
+           "--checkpoint", str(checkpoint or setup["ckpt"]), *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=setup["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=setup["env"], capture_output=True, text=True, timeout=600)
+
+
+def _out(cache):
+    return Path(cache) / "reconstructions_subj01_unaveraged"
+
+
+def _generated(stderr: str) -> int:
+    """Images the run generated, from its log (0 when it generated none)."""
+    return sum(int(line.split("generating ")[1].split()[0]) for line in stderr.splitlines() if "generating " in line)
+
+
+def test_end_to_end_outputs_cache_and_invalidation(setup, tmp_path):
+    cache = tmp_path / "cache"
+    proc = _run(setup, cache, "--limit", str(N_LIMIT), "--metrics", "pixcorr,ssim")
+    assert proc.returncode == 0, proc.stderr
+    assert _generated(proc.stderr) == N_LIMIT
+    out = _out(cache)
+    for i in range(N_LIMIT):
+        assert Image.open(out / f"{i}.png").size == (64, 64)
+        assert Image.open(out / f"{i}_gt.png").size == (512, 512)
+    assert not (out / f"{N_LIMIT}.png").exists()
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["metrics"] == ["pixcorr", "ssim"] and result["n_images"] == N_LIMIT
+    assert len(result["per_image"]["pixcorr"]) == N_LIMIT
+    # the per-image values are the metric of the saved files (independent: numpy corrcoef at 425 px)
+    rec = np.asarray(Image.open(out / "2.png").resize((425, 425)), dtype=float) / 255
+    gt = np.asarray(Image.open(out / "2_gt.png").resize((425, 425)), dtype=float) / 255
+    assert result["per_image"]["pixcorr"][2] == pytest.approx(np.corrcoef(rec.ravel(), gt.ravel())[0, 1], abs=1e-6)
+    table = (out / "metrics.md").read_text()
+    assert "| PixCorr |" in table and "| SSIM |" in table and "shuffled pairs" in table
+    assert Image.open(out / "overview.png").size == (N_LIMIT * 160, 2 * 160)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["checkpoint"] == str(setup["ckpt"]) and saved["versatilediffusion_config"]["num_inference_steps"] == 2
+    # the ground truth is the stimulus, RGB, resized to 512 with bilinear filtering
+    from dynadiff.data.nsd import stimulus_png
+
+    nsd_id = None
+    ids = np.load(setup["nsd"] / "test_images_ids.npy")
+    stim = [np.asarray(Image.open(stimulus_png(setup["nsd"], i)).convert("RGB").resize((512, 512), Image.BILINEAR))
+            for i in ids]
+    gt0 = np.asarray(Image.open(out / "0_gt.png"))
+    assert any(np.array_equal(gt0, s) for s in stim), nsd_id
+
+    # a finished run re-run only reports: nothing generated, nothing rewritten
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = _run(setup, cache, "--limit", str(N_LIMIT), "--metrics", "pixcorr,ssim")
+    assert again.returncode == 0, again.stderr
+    assert _generated(again.stderr) == 0 and "| PixCorr |" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+    # more sampling steps: every image regenerated (no stale reuse); default metrics skip what has no weights
+    before = [np.asarray(Image.open(out / f"{i}.png")) for i in range(N_LIMIT)]
+    steps = _run(setup, cache, "--limit", str(N_LIMIT), "versatilediffusion_config.num_inference_steps=3")
+    assert steps.returncode == 0, steps.stderr
+    assert _generated(steps.stderr) == N_LIMIT
+    assert any(not np.array_equal(b, np.asarray(Image.open(out / f"{i}.png"))) for i, b in enumerate(before))
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["metrics"] == ["pixcorr", "ssim"]
+    assert {"alexnet2", "clip", "dreamsim"} <= set(result["skipped"])
+    assert "alexnet-owt-7be5be79.pth" in result["skipped"]["alexnet2"]
+
+    # a checkpoint rewritten in place is a new run
+    time.sleep(0.01)
+    os.utime(setup["ckpt"])
+    touched = _run(setup, cache, "--limit", str(N_LIMIT), "--metrics", "pixcorr,ssim")
+    assert touched.returncode == 0, touched.stderr
+    assert _generated(touched.stderr) == N_LIMIT
+
+
+def _items_in_cache(cache: Path) -> int:
+    return sum(len(f.read_text().splitlines())
+               for f in cache.glob("dynadiff.config.ReconstructionConfig.generate*/*/*-info.jsonl"))
+
+
+def test_killed_run_resumes_with_missing_images_only(setup, tmp_path):
+    slow = ["--batch-size", "1", "--limit", "6", "--metrics", "pixcorr", "--no-blur-faces",
+            "versatilediffusion_config.num_inference_steps=8"]
+    cache = tmp_path / "cache"
+    proc = _run(setup, cache, *slow, wait=False)
+    deadline = time.time() + 300
+    while _items_in_cache(cache) < 2:
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"run ended before it could be interrupted: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _items_in_cache(cache)
+    assert 2 <= done < 6
+    assert not (_out(cache) / "metrics.json").exists()
+    resumed = _run(setup, cache, *slow)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _generated(resumed.stderr) == 6 - done
+    assert _items_in_cache(cache) == 6  # exactly one image per test index
+    files = sorted(p.name for p in _out(cache).glob("[0-9]*.png") if "_gt" not in p.name)
+    assert files == [f"{i}.png" for i in range(6)]
+    # same images as an uninterrupted run
+    ref_cache = tmp_path / "ref"
+    ref = _run(setup, ref_cache, *slow)
+    assert ref.returncode == 0, ref.stderr
+    for i in range(6):
+        np.testing.assert_array_equal(np.asarray(Image.open(_out(cache) / f"{i}.png")),
+                                      np.asarray(Image.open(_out(ref_cache) / f"{i}.png")))
+
+
+def test_bad_inputs_are_clear_errors(setup, tmp_path, caplog):
+    eval_cli = _load_eval_module()
+    base = [*setup["base"], "--cache", str(tmp_path / "cache"), "--limit", "2", "--metrics", "pixcorr"]
+
+    def run(*extra, checkpoint=setup["ckpt"]):
+        caplog.clear()
+        code = eval_cli.main([*base, "--checkpoint", str(checkpoint), *extra])
+        return code, caplog.text
+
+    code, log = run(checkpoint=tmp_path / "checkpoints" / "subj01")
+    assert code == 1 and "checkpoints/subj01 not found" in log and "checkpoints/README.md" in log
+    code, log = run("--vd_cache_dir", str(tmp_path / "novd"))
+    assert code == 1 and "Versatile Diffusion folder" in log and "novd does not exist" in log
+    code, log = run(f"data.nsd_dataset_config.nsddata_path={tmp_path / 'nonsd'}")
+    assert code == 1 and "NSD file(s) missing" in log and "prepare_data.py" in log
+    code, log = run("data.nsd_dataset_config.subject=3")
+    assert code == 2 and "unknown subject 3" in log
+    code, log = run("versatilediffusion_config.num_steps=3")
+    assert code == 2 and "unknown config key 'versatilediffusion_config.num_steps'" in log
+    assert "num_inference_steps" in log
+    code, log = run("--metrics", "alexnet2")
+    assert code == 1 and "alexnet-owt-7be5be79.pth" in log
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.parse_args(["--subject", "3"])
+    assert exit_info.value.code == 2
+    code, log = run(checkpoint=setup["other"])
+    assert code == 1 and "does not fit subject 1" in log and "another subject" in log
+    assert not (_out(tmp_path / "cache") / "metrics.json").exists()
+
+    # a corrupt image cache entry: a clear error, no metrics written
+    assert run()[0] == 0
+    (_out(tmp_path / "cache") / "metrics.json").unlink()
+    for data in (tmp_path / "cache").glob("dynadiff.config.ReconstructionConfig.generate*/*/data/*"):
+        data.write_bytes(data.read_bytes()[:100])
+    code, log = run("--metrics", "ssim")
+    assert code == 1 and "may be corrupt" in log and "image_generation.mode=force" in log
+    assert not (_out(tmp_path / "cache") / "metrics.json").exists()
+    assert run("--metrics", "ssim", "image_generation.mode=force")[0] == 0
