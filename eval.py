@@ -76,11 +76,12 @@ def build_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     from dynadiff.config import EvalConfig
 
     base = load_yaml(args.config)
-    overrides = flag_overrides(args)
+    overrides = []  # precedence: config file < --infra-yaml < flags < KEY=VALUE
     if args.infra_yaml is not None:
         from dynadiff.infra import infra_overrides
 
         overrides += infra_overrides(args.infra_yaml, INFRA_TARGETS)
+    overrides += flag_overrides(args)
     return apply_overrides(EvalConfig, base, overrides + list(args.overrides) + list(extra))
 
 

@@ -7,16 +7,21 @@ Sections (the original's names, plus ``train``):
 - ``train``: the training run (``train.py``).
 
 Each section's keys are the fields of :class:`dynadiff.config.InfraResources`;
-an unknown section or key is an error listing the allowed ones.
+an unknown section or key is an error listing the allowed ones. ``train`` is
+one job (an exca ``TaskInfra``): the keys that split a map into jobs
+(``max_jobs``, ``min_samples_per_job``) are errors there.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dynadiff.cli import ConfigError, load_yaml
 
 SECTIONS = ("task_infra_data", "map_infra_image_generation", "train")
+MAP_ONLY_KEYS = ("max_jobs", "min_samples_per_job")  # how a map is split into jobs
+SINGLE_JOB_SECTIONS = ("train",)
 
 
 def load_infra_yaml(path: Path) -> dict:
@@ -34,15 +39,18 @@ def load_infra_yaml(path: Path) -> dict:
         values = values or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section {section!r} should be a mapping of resources")
-        bad = sorted(set(values) - set(InfraResources.model_fields))
+        not_here = MAP_ONLY_KEYS if section in SINGLE_JOB_SECTIONS else ()
+        allowed = sorted(set(InfraResources.model_fields) - set(not_here))
+        bad = sorted(set(values) - set(allowed))
         if bad:
-            raise ConfigError(
-                f"{path}: unknown key(s) {bad} in section {section!r}; allowed: {sorted(InfraResources.model_fields)}"
-            )
+            single = section in SINGLE_JOB_SECTIONS and set(bad) & set(MAP_ONLY_KEYS)
+            why = f" ({section!r} runs as a single job: {list(MAP_ONLY_KEYS)} do not apply)" if single else ""
+            raise ConfigError(f"{path}: unknown key(s) {bad} in section {section!r}{why}; allowed: {allowed}")
         try:
             out[section] = InfraResources(**values)
         except pydantic.ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                             for err in e.errors())
             raise ConfigError(f"{path}: invalid value in section {section!r}: {msgs}") from None
     return out
 
@@ -57,6 +65,7 @@ def infra_overrides(path: Path, targets: dict[str, str]) -> list[str]:
     for section, resources in load_infra_yaml(path).items():
         if section not in targets:
             continue
-        for key, value in resources.model_dump(exclude_none=True).items():
-            out.append(f"{targets[section]}.{key}={value}")
+        for key, value in resources.model_dump(mode="json", exclude_none=True).items():
+            # JSON is YAML: the value reads back as itself (a constraint "a|b", a path with ": ")
+            out.append(f"{targets[section]}.{key}={json.dumps(value)}")
     return out

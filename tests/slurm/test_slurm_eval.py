@@ -1,0 +1,200 @@
+"""``eval.py --infra-yaml`` through the local SLURM cluster, on the mini-NSD with a tiny model.
+
+One run prepares the data as SLURM jobs and generates the test images as a
+job array; its images must equal a local run's, bit for bit. (Images are made
+one at a time, ``--batch-size 1``: the sampler's results depend on the batch
+*size* at float rounding level, about 1e-6, which turns into rare 1-level pixel
+differences when a job's last batch is smaller than the local run's.) A second run (another sampler
+seed, so every image is regenerated) loses one job to ``scancel``: the report
+names it and its logs, the other job's images stay cached, and the rerun
+submits only the missing images.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+N_IMAGES = 4
+INFRA_YAML = """\
+task_infra_data:
+  cluster: slurm
+  cpus_per_task: 1
+  max_jobs: 2
+  min_samples_per_job: 1
+  timeout_min: 10
+map_infra_image_generation:
+  cluster: slurm
+  cpus_per_task: 1
+  gpus_per_node: 0
+  max_jobs: 2
+  min_samples_per_job: 1
+  timeout_min: 10
+train:
+  cluster: slurm
+  cpus_per_task: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(slurm_available, synthetic_nsd, tmp_path_factory):
+    """Tiny VD folder, a checkpoint with non-zero LoRA, the infra YAML and the common eval.py arguments."""
+    import torch
+
+    from dynadiff.checkpoint import save_checkpoint
+    from dynadiff.models.config import FmriMLPConfig, VersatileDiffusionConfig
+    from dynadiff.models.tiny import write_tiny_vd
+
+    nsd, info = synthetic_nsd
+    root = tmp_path_factory.mktemp("slurm_eval")
+    vd = write_tiny_vd(root / "vd")
+    model = VersatileDiffusionConfig(vd_cache_dir=vd, image_size=64).build(FmriMLPConfig(hidden=32),
+                                                                           n_voxels=info["n_voxels"][1])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero: make the brain signal reach the images
+        for p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ckpt = save_checkpoint(model, root / "subj01.safetensors")
+    infra = root / "infra.yaml"
+    infra.write_text(INFRA_YAML)
+    args = ["--subject", "1", "--vd_cache_dir", str(vd), "--checkpoint", str(ckpt), "--device", "cpu",
+            "--batch-size", "1", "--limit", str(N_IMAGES), "--no-blur-faces", "--metrics", "pixcorr",
+            f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
+            "brain_modules_config.hidden=32", "versatilediffusion_config.image_size=64",
+            "versatilediffusion_config.num_inference_steps=2"]
+    return {"root": root, "infra": infra, "args": args}
+
+
+def _eval_cmd(tiny, cache: Path, *extra: str, infra: bool = True) -> list[str]:
+    cmd = [sys.executable, str(REPO / "eval.py"), *tiny["args"], "--cache", str(cache), *extra]
+    return cmd + (["--infra-yaml", str(tiny["infra"])] if infra else [])
+
+
+def _env(cluster=None) -> dict:
+    """eval.py's environment, which its SLURM jobs inherit: the cluster's commands first on PATH, and one
+    OpenMP thread per process (jobs share the machine's cores; two threads each would thrash)."""
+    return dict(os.environ if cluster is None else cluster.env(), OMP_NUM_THREADS="1")
+
+
+def _run(cmd: list[str], cluster=None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(cluster), capture_output=True, text=True, timeout=420)
+
+
+def _images(cache: Path) -> list[np.ndarray]:
+    out = cache / "reconstructions_subj01_unaveraged"
+    return [np.asarray(Image.open(out / f"{i}.png")) for i in range(N_IMAGES)]
+
+
+def _job_dirs(cache: Path, step: str) -> set[str]:
+    """Job ids with a folder in exca's logs of ``step`` (e.g. ``ReconstructionConfig.generate``)."""
+    folders = cache.glob(f"dynadiff.config.{step},1/*/logs/*/*")
+    return {p.name for p in folders if (p / f"{p.name}_submitted.pkl").exists()}
+
+
+def _new_jobs(cluster, before: set[str], prefix: str) -> list[dict]:
+    return [j for j in cluster.jobs() if j["id"] not in before and j["name"].startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny):
+    cache = tiny["root"] / "local"
+    proc = _run(_eval_cmd(tiny, cache, infra=False))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _images(cache)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tiny, slurm_cluster):
+    cache = tiny["root"] / "cluster"
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    proc = _run(_eval_cmd(tiny, cache), slurm_cluster)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"cache": cache, "jobs": [j for j in slurm_cluster.jobs() if j["id"] not in before]}
+
+
+def test_data_preparation_runs_as_slurm_jobs(slurm_run):
+    data_jobs = [j for j in slurm_run["jobs"] if j["name"].startswith("NsdDatasetConfig")]
+    assert data_jobs and all(j["state"] == "COMPLETED" for j in data_jobs)
+    # the jobs SLURM ran are those exca logged for the windows cache
+    assert {j["id"] for j in data_jobs} == _job_dirs(slurm_run["cache"], "NsdDatasetConfig.run_windows")
+
+
+def test_generation_job_array_gives_the_local_images_in_order(slurm_run, local_run):
+    gen_jobs = [j for j in slurm_run["jobs"] if j["name"].startswith("ReconstructionConfig")]
+    assert len(gen_jobs) == 2 and len({j["array"] for j in gen_jobs}) == 1  # one array of 2 tasks
+    assert all(j["state"] == "COMPLETED" for j in gen_jobs)
+    assert {j["id"] for j in gen_jobs} == _job_dirs(slurm_run["cache"], "ReconstructionConfig.generate")
+    cluster_images = _images(slurm_run["cache"])
+    assert not np.array_equal(local_run[0], local_run[1])  # distinct images: an order mix-up would show
+    for i, (a, b) in enumerate(zip(local_run, cluster_images)):
+        np.testing.assert_array_equal(b, a, err_msg=f"image {i}: SLURM run differs from the local run")
+
+
+def test_killed_job_keeps_the_others_images_and_the_rerun_fills_in_the_rest(tiny, slurm_run, local_run,
+                                                                           slurm_cluster):
+    cache = slurm_run["cache"]  # windows already cached: only generation runs
+    seed = ["versatilediffusion_config.seed=7"]  # new images, same data
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    proc = subprocess.Popen(_eval_cmd(tiny, cache, *seed), env=_env(slurm_cluster), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tasks := _new_jobs(slurm_cluster, before, "ReconstructionConfig")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no generation job was submitted"
+            time.sleep(0.1)
+        victim = f"{tasks[0]['array']}_1"
+        subprocess.run(["scancel", victim], env=slurm_cluster.env(), check=True)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err[-3000:]
+    assert "image generation: 1 of 2 cluster job(s) failed (on slurm)" in err, err[-3000:]
+    assert f"job {victim}: CANCELLED" in err
+    logs = re.search(r"logs: (\S.*_log\.err)\n", err)
+    if logs:  # killed while running: its logs exist and say so
+        assert "CANCELLED" in Path(logs.group(1)).read_text()
+    else:  # killed while pending
+        assert "never started" in err
+    found = re.search(rf"(\d+) of {N_IMAGES} test image\(s\) missing \(([\d, ]+)\)", err)
+    assert found, err[-3000:]
+    missing = [int(x) for x in found.group(2).split(",")]
+    assert 0 < len(missing) < N_IMAGES and int(found.group(1)) == len(missing)  # the other job's images are kept
+    assert "Run the same command again" in err
+
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    rerun = _run(_eval_cmd(tiny, cache, *seed, "--verbose"), slurm_cluster)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    k = len(missing)
+    assert f"{N_IMAGES - k} of {N_IMAGES} images cached, {k} to generate" in rerun.stderr
+    sent = re.findall(r"Sent (\d+) samples for dynadiff\.config\.ReconstructionConfig", rerun.stderr)
+    assert sent and {int(s) for s in sent} == {k}  # exca submitted only the missing images
+    new = _new_jobs(slurm_cluster, before, "ReconstructionConfig")
+    assert len(new) == min(k, 2) and all(j["state"] == "COMPLETED" for j in new)
+    assert not _new_jobs(slurm_cluster, before, "NsdDatasetConfig")
+    for i, (new_img, old_img) in enumerate(zip(_images(cache), local_run)):  # every image of the new seed
+        assert new_img.shape == old_img.shape and not np.array_equal(new_img, old_img), i
+
+
+def test_resources_the_cluster_refuses_are_one_clear_error(tiny, slurm_run, slurm_cluster):
+    """sbatch refuses a GPU on this GPU-less node: the error says so and points at the YAML."""
+    yaml_path = tiny["root"] / "gpu.yaml"
+    yaml_path.write_text(INFRA_YAML.replace("gpus_per_node: 0", "gpus_per_node: 1"))
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    cmd = _eval_cmd(tiny, slurm_run["cache"], "versatilediffusion_config.seed=11", infra=False)
+    proc = _run(cmd + ["--infra-yaml", str(yaml_path)], slurm_cluster)
+    assert proc.returncode == 1
+    assert "image generation: submitting the cluster jobs failed (cluster='slurm')" in proc.stderr, proc.stderr[-3000:]
+    assert "Invalid generic resource (gres) specification" in proc.stderr
+    assert "gpus_per_node" in proc.stderr and "Traceback" not in proc.stderr
+    assert not _new_jobs(slurm_cluster, before, "")
