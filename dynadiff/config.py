@@ -337,7 +337,8 @@ class TrainConfig(StrictModel):
     output_dir: Path = Path("./runs/train")
     resume: bool = False  # continue from output_dir/checkpoints/last
     progress: bool = True  # console progress bar
-    infra: exca.TaskInfra = exca.TaskInfra(version="1")
+    # retry: a failed run (e.g. a preempted job) runs again; it continues from its checkpoint with resume=true
+    infra: exca.TaskInfra = exca.TaskInfra(version="1", mode="retry")
 
     @pydantic.model_validator(mode="after")
     def _coherent(self) -> "TrainConfig":

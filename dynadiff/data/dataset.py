@@ -218,3 +218,27 @@ def build_dataset(cfg: "NsdDatasetConfig", subject_idx: int = 0) -> NsdDataset:
                 len(samples))
     windows = list(cfg.run_windows(items))
     return NsdDataset(windows, samples, root, cfg.image_size, subject_idx=subject_idx)
+
+
+def split_by_image(nsd_ids: tp.Sequence[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Positions of the training and the validation samples, held out by image.
+
+    ``nsd_ids[i]`` is the image of sample ``i`` (several samples may share one:
+    repetitions, subjects). ``round(fraction * n_images)`` images (at least one
+    when ``fraction > 0``), drawn with ``numpy.random.default_rng(seed)`` among
+    the sorted distinct ids, go to validation with all their samples: no image
+    is in both parts. Positions keep their order.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the validation fraction must be within [0, 1), got {fraction}")
+    images = np.unique(np.asarray(nsd_ids, dtype=np.int64))
+    n_val = 0 if fraction == 0 else max(1, int(round(fraction * len(images))))
+    if n_val >= len(images):
+        raise ValueError(
+            f"a validation fraction of {fraction} of {len(images)} image(s) leaves no training image"
+        )
+    val_images = set(np.random.default_rng(seed).choice(images, size=n_val, replace=False).tolist())
+    train, val = [], []
+    for i, nsd_id in enumerate(nsd_ids):
+        (val if int(nsd_id) in val_images else train).append(i)
+    return train, val

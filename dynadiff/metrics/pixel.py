@@ -58,3 +58,17 @@ def ssim_arrays(reconstruction: np.ndarray, ground_truth: np.ndarray) -> float:
             data_range=1.0,
         )
     )
+
+
+def pixel_identification(reconstructions: tp.Sequence[ImageLike], ground_truths: tp.Sequence[ImageLike],
+                         direction: str = "per_ground_truth") -> np.ndarray:
+    """(N,) two-way identification on the 425x425 RGB pixels (the PixCorr resize): needs no network weights.
+
+    Not one of the published metrics; the demo uses it as a weight-free identification score (chance 0.5).
+    """
+    from dynadiff.metrics.identification import two_way_identification
+
+    check_pairs(reconstructions, ground_truths)
+    recs = np.stack([pixel_array(r) for r in reconstructions])
+    gts = np.stack([pixel_array(g) for g in ground_truths])
+    return two_way_identification(recs, gts, direction)

@@ -1,0 +1,307 @@
+"""The demo behind ``demo.py``: a tiny Dynadiff trained and evaluated on a synthetic mini-NSD, on a CPU.
+
+1. write the synthetic mini-NSD (``dynadiff.data.synthetic``) and its stimulus PNGs;
+2. pre-train a tiny Versatile Diffusion stand-in on *other* smooth colour images
+   (the real VD was pre-trained on other images too): the VAE as an autoencoder,
+   then the image UNet as a denoiser conditioned on the tokens of a small
+   thumbnail encoder (VD's UNet is conditioned on CLIP image tokens); written in
+   VD's folder layout, so the real loader reads it;
+3. train the decoder with the real training loop (``train.py``'s configuration
+   and :func:`dynadiff.training.train`): brain module + LoRA, SPEC §4 step;
+4. run the real evaluation (``eval.py``'s configuration and pipeline) on the
+   held-out test images, for the trained decoder and for the same decoder
+   before training, and compare.
+
+The synthetic BOLD encodes each image's 4x4 RGB thumbnail, so a decoder that
+learns from the fMRI recovers the images' coarse colour layout: PixCorr above
+the untrained decoder's and pixel two-way identification above chance (0.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import time
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".dynadiff-demo"  # a work folder the demo may clear
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and lengths of the demo (``FAST`` for tests: everything tiny)."""
+
+    image_size: int = 32  # with a 3-level VAE (factor 4): 8x8 latents; the synthetic images are 32x32 fields upsampled
+    subject: int = 1
+    synthetic: tuple[tuple[str, tp.Any], ...] = (("n_unique", 300), ("n_test", 40), ("signal_percent", 3.0),
+                                                  ("noise_percent", 0.6))
+    unet_channels: tuple[int, ...] = (32, 32, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    n_tokens: int = 16  # 4x4 thumbnail tokens
+    pretrain_images: int = 2000
+    vae_steps: int = 300
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_crop: int = 32  # the VAE trains on crops of this side (it is convolutional; no crop at 32 px)
+    unet_steps: int = 300
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    train_overrides: tuple[str, ...] = (
+        "steps=300", "batch_size=16", "optim.lr=1e-3", "optim.warmup_steps=30", "optim.weight_decay=0.0",
+        "brain_modules_config.hidden=128", "brain_modules_config.dropout=0.3",
+        "val_every=100", "sample_every=150", "checkpoint_every=100", "log_every=10",
+        "versatilediffusion_config.num_inference_steps=20",
+    )
+    eval_args: tuple[str, ...] = ("--averaged-trial",)
+    num_inference_steps: int = 20
+    threads: int = 1  # tiny models are per-op-overhead bound: one thread beats two on a busy 2-core machine
+    seed: int = 0
+
+
+FAST = DemoSettings(
+    synthetic=(("n_unique", 12), ("n_test", 6), ("sessions", (1,))),
+    unet_channels=(8, 8, 16, 16), vae_channels=(8, 8, 8), pretrain_images=16,
+    vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4,
+    train_overrides=("steps=3", "batch_size=4", "brain_modules_config.hidden=16", "val_every=3", "sample_every=3",
+                     "checkpoint_every=3", "log_every=1", "versatilediffusion_config.num_inference_steps=2",
+                     "data.val_fraction=0.2"),
+    eval_args=("--limit", "4"), num_inference_steps=2,
+)
+
+
+# ----------------------------------------------------------------------------- tiny VD pre-training
+
+
+def thumbnail_tokens(images, encoder) -> "torch.Tensor":
+    """(B, 3, S, S) images in [0, 1] -> (B, n_tokens, 768): the stand-in image encoder's tokens."""
+    import torch.nn.functional as F
+
+    side = int(math.isqrt(encoder.pos.shape[0]))
+    thumb = F.adaptive_avg_pool2d(images * 2 - 1, side).flatten(2).transpose(1, 2)  # (B, side^2, 3)
+    return encoder.proj(thumb) + encoder.pos
+
+
+def _make_encoder(n_tokens: int, dim: int):
+    import torch
+    from torch import nn
+
+    enc = nn.Module()
+    enc.proj = nn.Linear(3, dim)
+    enc.pos = nn.Parameter(torch.randn(n_tokens, dim) * 0.5)
+    return enc
+
+
+def pretrain_tiny_vd(folder: Path, s: DemoSettings) -> Path:
+    """Write a tiny VD folder (``image_unet/``, ``vae/``, ``scheduler/``) pre-trained on fresh smooth images.
+
+    Deterministic given ``s.seed``; the caller's global random state is left as it was.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        return _pretrain_tiny_vd(Path(folder), s)
+
+
+def _pretrain_tiny_vd(folder: Path, s: DemoSettings) -> Path:
+    import torch
+    import torch.nn.functional as F
+
+    from dynadiff.data.synthetic import make_images
+    from dynadiff.models import vd
+    from dynadiff.models.tiny import build_unet, build_vae, write_tiny_vd
+
+    if int(math.isqrt(s.n_tokens)) ** 2 != s.n_tokens:
+        raise ValueError(f"n_tokens must be a square (a grid of thumbnail patches), got {s.n_tokens}")
+    folder = write_tiny_vd(folder, unet_block_out_channels=s.unet_channels, vae_block_out_channels=s.vae_channels,
+                           seed=s.seed)
+    rng = np.random.default_rng(s.seed + 1000)  # other images than the synthetic NSD's
+    pix = torch.from_numpy(make_images(s.pretrain_images, rng, size=s.image_size)).permute(0, 3, 1, 2).float() / 255
+    g = torch.Generator().manual_seed(s.seed)
+
+    # 1. VAE: autoencoder on crops; log-variance started small so that latents are nearly deterministic.
+    vae = build_vae(s.seed, block_out_channels=s.vae_channels)
+    factor = 2 ** (len(s.vae_channels) - 1)
+    crop = max(factor, min(s.vae_crop, s.image_size) // factor * factor)
+    with torch.no_grad():
+        c = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[c:] = 0
+        vae.quant_conv.bias[c:] = -8.0
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=max(s.vae_steps, 2), pct_start=0.1)
+    t0 = time.perf_counter()
+    for step in range(s.vae_steps):
+        x = pix[torch.randint(0, len(pix), (s.vae_batch,), generator=g)] * 2 - 1
+        i, j = (torch.randint(0, (s.image_size - crop) // factor + 1, (2,), generator=g) * factor).tolist()
+        x = x[:, :, i : i + crop, j : j + crop]
+        post = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(post.sample(generator=g)).sample, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pix[k : k + 64] * 2 - 1).latent_dist.mode() for k in range(0, len(pix), 64)])
+        recon = vae.decode(latents[:64]).sample
+        vae_mse = float(F.mse_loss((recon / 2 + 0.5).clamp(0, 1), pix[:64]))
+    scale = float(1.0 / latents.std())  # latents * scale ~ unit variance, as 0.18215 does for SD's VAE
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    logger.info("demo VAE: %d steps in %.0f s, reconstruction MSE %.4f (images in [0, 1]), scaling factor %.4f",
+                s.vae_steps, time.perf_counter() - t0, vae_mse, scale)
+
+    # 2. UNet: epsilon prediction conditioned on thumbnail tokens (10 % dropped to zero, for guidance).
+    unet = build_unet(s.seed, block_out_channels=s.unet_channels)
+    encoder = _make_encoder(s.n_tokens, unet.config.cross_attention_dim)
+    noise_sched = vd.build_scheduler("ddpm", vd.load_scheduler_config(folder))
+    n_train = noise_sched.config.num_train_timesteps
+    unet.train()
+    params = list(unet.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.unet_lr, total_steps=max(s.unet_steps, 2), pct_start=0.1)
+    t0 = time.perf_counter()
+    for step in range(s.unet_steps):
+        idx = torch.randint(0, len(pix), (s.unet_batch,), generator=g)
+        z = latents[idx]
+        tokens = thumbnail_tokens(pix[idx], encoder)
+        keep = (torch.rand(len(idx), generator=g) >= 0.1).float()[:, None, None]
+        t = torch.randint(0, n_train, (len(idx),), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=tokens * keep).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    logger.info("demo UNet: %d steps in %.0f s, last loss %.4f", s.unet_steps, time.perf_counter() - t0, float(loss.detach()))
+    unet.eval()
+    for name, module in (("image_unet", unet), ("vae", vae)):
+        shutil.rmtree(folder / name)
+        module.save_pretrained(folder / name)
+    return folder
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _load_script(name: str):
+    """``train.py`` / ``eval.py`` of this repository as modules (their configuration code is the real one)."""
+    path = REPO_ROOT / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dynadiff_{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _prepare_workdir(workdir: Path) -> Path:
+    workdir = Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists():
+            raise FileExistsError(f"{workdir} exists and was not made by the demo: choose another --output")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("written by demo.py; deleted and rewritten by its next run\n")
+    return workdir
+
+
+def pixel_identification_from_folder(folder: Path, n: int, direction: str) -> float:
+    """Two-way identification on the 425x425 RGB pixels of ``{i}.png`` vs ``{i}_gt.png`` in an eval output folder."""
+    from PIL import Image
+
+    from dynadiff.metrics.pixel import pixel_identification
+
+    recs = [np.asarray(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(n)]
+    gts = [np.asarray(Image.open(folder / f"{i}_gt.png").convert("RGB")) for i in range(n)]
+    return float(np.mean(pixel_identification(recs, gts, direction)))
+
+
+def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
+    """The whole demo in ``workdir``; returns the untrained and trained results and the paths."""
+    import torch
+
+    from dynadiff.checkpoint import save_checkpoint
+    from dynadiff.data.stimuli import prepare_stimuli
+    from dynadiff.data.synthetic import write_synthetic_nsd
+    from dynadiff.evaluation import preflight
+    from dynadiff.training import build_training_data, init_model
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(s.threads)
+    workdir = _prepare_workdir(workdir)
+    times = {}
+
+    t = time.perf_counter()
+    nsd_root = workdir / "nsddata"
+    synthetic = dict(s.synthetic)
+    info = write_synthetic_nsd(nsd_root, subjects=(s.subject,), seed=s.seed, **synthetic)
+    prepare_stimuli(nsd_root, images="all", subjects=(s.subject,), workers=1)
+    times["synthetic data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    vd_dir = pretrain_tiny_vd(workdir / "versatile_diffusion", s)
+    times["tiny VD pre-training"] = time.perf_counter() - t
+
+    sessions = ",".join(str(x) for x in info["sessions"][s.subject])
+    common = [f"data.nsd_dataset_config.nsddata_path={nsd_root}", f"data.nsd_dataset_config.sessions=[{sessions}]",
+              f"data.nsd_dataset_config.image_size={s.image_size}", f"versatilediffusion_config.image_size={s.image_size}",
+              f"brain_modules_config.n_tokens={s.n_tokens}"]
+    train_script = _load_script("train")
+    train_argv = ["--subject", str(s.subject), "--output", str(workdir / "train"), "--cache", str(workdir / "cache"),
+                  "--vd_cache_dir", str(vd_dir), "--device", "cpu", *common, "data.num_workers=0",
+                  f"cpu_threads={s.threads}", f"progress={str(progress).lower()}", *s.train_overrides]
+    train_cfg = train_script.build_config(train_script.parse_args(train_argv))
+
+    # The decoder before training: the same initialisation as the training run's first step.
+    t = time.perf_counter()
+    data = build_training_data(train_cfg)
+    untrained = workdir / "untrained" / "model.safetensors"
+    save_checkpoint(init_model(train_cfg, data, torch.device("cpu")), untrained, extra_metadata={"step": 0})
+    summary = train_cfg.run()
+    times["decoder training"] = time.perf_counter() - t
+
+    eval_script = _load_script("eval")
+    brain = [f"brain_modules_config.{k}={v}" for k, v in train_cfg.brain_modules_config.model_dump().items()]
+    results = {}
+    t = time.perf_counter()
+    for label, ckpt in (("untrained", untrained), ("trained", Path(summary["best_checkpoint"] or summary["last_checkpoint"]))):
+        argv = ["--subject", str(s.subject), "--cache", str(workdir / f"eval_{label}"), "--checkpoint", str(ckpt),
+                "--vd_cache_dir", str(vd_dir), "--device", "cpu", "--metrics", "pixcorr,ssim", *s.eval_args,
+                *common, *brain, f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
+        cfg = eval_script.build_config(eval_script.parse_args(argv))
+        preflight(cfg)
+        result = cfg.run()
+        out = Path(result["output_dir"])
+        result["pixel_identification"] = pixel_identification_from_folder(out, result["n_images"], result["identification"])
+        results[label] = result
+    times["evaluation"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_start
+    report = {"untrained": results["untrained"], "trained": results["trained"], "train_summary": summary,
+              "times_s": times, "overview": str(Path(results["trained"]["output_dir"]) / "overview.png"),
+              "workdir": str(workdir)}
+    (workdir / "demo_results.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def comparison_table(report: dict) -> str:
+    """Markdown: each metric for the untrained and the trained decoder, next to its chance level."""
+    un, tr = report["untrained"], report["trained"]
+    lines = [f"Synthetic test images: {tr['n_images']} ({'averaged' if tr['averaged'] else 'one'} repetition"
+             f"{'s' if tr['averaged'] else ''} per image).", "",
+             "| metric | untrained decoder | trained decoder | chance |", "| --- | ---: | ---: | ---: |"]
+    for m, label in (("pixcorr", "PixCorr"), ("ssim", "SSIM")):
+        lines.append(f"| {label} | {un['means'][m]:.4f} | {tr['means'][m]:.4f} | {tr['shuffled'][m]:.4f} (shuffled pairs) |")
+    lines.append(f"| 2-way identification, pixels | {un['pixel_identification']:.4f} | {tr['pixel_identification']:.4f} | 0.5 |")
+    return "\n".join(lines) + "\n"

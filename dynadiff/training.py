@@ -1,0 +1,704 @@
+"""Training (``train.py``): the brain module and the UNet's LoRA, SPEC §4 training step.
+
+- data: the non-test windows of the chosen subjects (``TrainDataConfig``), a
+  validation split held out by image, windows zero-padded to the largest voxel
+  count when there are several subjects (each sample keeps its ``subject_idx``);
+- order: an endless stream of samples, one seeded permutation per epoch; the
+  samples of optimizer step ``k`` are a pure function of ``(seed, k)``, and so are
+  its random draws (:func:`step_seed`): resuming needs no data-loader or RNG state;
+- optimisation: AdamW (decay on matrices only), linear warm-up + cosine decay,
+  gradient accumulation and clipping, autocast mixed precision (fp16 with loss
+  scaling);
+- outputs (``TrainConfig`` docstring): ``config.yaml``, ``log.csv``, sample grids,
+  ``checkpoints/last`` (model + optimizer/scheduler state) and ``checkpoints/best``.
+
+A checkpoint folder is written under a temporary name and swapped in, so an
+interruption never leaves a half-written checkpoint: ``checkpoints/last`` (or,
+after a crash during the swap, ``checkpoints/last.old``) is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import math
+import shlex
+import shutil
+import time
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynadiff.config import OptimizerConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.safetensors"
+STATE_FORMAT = "1"
+LOG_FIELDS = ("step", "split", "loss", "lr", "grad_norm", "samples_per_s", "epoch", "time_s")
+# Streams of random draws, one seed each per (step, micro-batch): see step_seed.
+_NOISE, _DROPOUT, _VALIDATION, _INIT = 0, 1, 2, 3
+
+
+class TrainingError(RuntimeError):
+    """The training cannot run or resume as configured."""
+
+
+# ----------------------------------------------------------------------------- randomness
+
+
+def _seed_words(seed: int) -> list[int]:
+    return [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF]
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from the run's seed and integer keys (step, micro-batch, stream)."""
+    state = np.random.SeedSequence([*_seed_words(seed), *keys]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the ``n`` training samples in epoch ``epoch``."""
+    return np.random.default_rng([*_seed_words(seed), epoch, 7]).permutation(n)
+
+
+class SampleStream:
+    """Endless sample order: epoch permutations back to back; ``positions(start, count)`` -> indices.
+
+    Position ``p`` of the stream is sample ``perm(p // n)[p % n]``: any stretch can be
+    produced without replaying the ones before it.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise TrainingError("the training split is empty")
+        self.n, self.seed = n, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) >= 2:  # a stretch spans at most two epochs at a time
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = epoch_permutation(self.n, self.seed, epoch)
+        return self._cache[epoch]
+
+    def positions(self, start: int, count: int) -> list[int]:
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
+
+
+class StepBatches:
+    """``batch_sampler`` for a DataLoader: the micro-batches of steps ``start_step, start_step + 1, ...``."""
+
+    def __init__(self, stream: SampleStream, batch_size: int, accumulation: int, start_step: int, stop_step: int):
+        self.stream, self.batch_size, self.accumulation = stream, batch_size, accumulation
+        self.start_step, self.stop_step = start_step, stop_step
+
+    def __len__(self) -> int:
+        return max(0, self.stop_step - self.start_step) * self.accumulation
+
+    def __iter__(self) -> tp.Iterator[list[int]]:
+        for step in range(self.start_step, self.stop_step):
+            for micro in range(self.accumulation):
+                start = (step * self.accumulation + micro) * self.batch_size
+                yield self.stream.positions(start, self.batch_size)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class TrainingSamples:
+    """torch ``Dataset`` over samples of several subjects' ``NsdDataset``.
+
+    ``refs[i] = (dataset, sample)``; ``brain_refs`` (default ``refs``) says whose fMRI
+    window goes with image ``refs[i]`` (different only for the shuffled-pairs control).
+    Items: ``{"brain": (n_voxels, T) float32 zero-padded, "img": (3, S, S) in [0, 1],
+    "subject_idx": long}``.
+    """
+
+    def __init__(self, datasets: list, refs: list[tuple[int, int]], n_voxels: int,
+                 brain_refs: list[tuple[int, int]] | None = None):
+        self.datasets, self.refs, self.n_voxels = datasets, list(refs), n_voxels
+        self.brain_refs = list(brain_refs) if brain_refs is not None else self.refs
+        if len(self.brain_refs) != len(self.refs):
+            raise ValueError("brain_refs must pair up with refs")
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def nsd_id(self, i: int) -> int:
+        d, j = self.refs[i]
+        return int(self.datasets[d].nsd_ids[j])
+
+    def image(self, i: int) -> np.ndarray:
+        d, j = self.refs[i]
+        return self.datasets[d].image(j)
+
+    def __getitem__(self, i: int) -> dict:
+        d, j = self.refs[i]
+        bd, bj = self.brain_refs[i]
+        ds = self.datasets[d]
+        window = self.datasets[bd].brain(bj)  # (V_subject, T)
+        brain = np.zeros((self.n_voxels, window.shape[1]), dtype=np.float32)
+        brain[: window.shape[0]] = window
+        img = torch.from_numpy(ds.image(j).copy()).permute(2, 0, 1).float().div_(255.0)
+        return {"brain": torch.from_numpy(brain), "img": img,
+                "subject_idx": torch.tensor(self.datasets[bd].subject_idx, dtype=torch.long)}
+
+
+@dataclasses.dataclass
+class TrainingData:
+    train: TrainingSamples
+    val: TrainingSamples
+    n_voxels: int  # the largest voxel count of the subjects (the model's input size)
+    n_timepoints: int
+    voxels_per_subject: dict[int, int]
+
+
+def build_training_data(cfg: TrainConfig) -> TrainingData:
+    """Each subject's train-split dataset, a validation split held out by image, padded samples."""
+    from dynadiff.data.dataset import split_by_image
+
+    datasets, refs = [], []
+    for idx, subject in enumerate(cfg.subjects):
+        ds = cfg.data.subject_config(subject).build(subject_idx=idx)
+        datasets.append(ds)
+        refs += [(idx, j) for j in range(len(ds))]
+    counts = {s: ds.n_voxels for s, ds in zip(cfg.subjects, datasets)}
+    trs = {ds.n_trs for ds in datasets}
+    if len(trs) != 1:
+        raise TrainingError(f"the subjects' windows have different numbers of TRs: {sorted(trs)}")
+    ids = [int(datasets[d].nsd_ids[j]) for d, j in refs]
+    train_pos, val_pos = split_by_image(ids, cfg.data.val_fraction, cfg.data.val_seed)
+    train_refs = [refs[i] for i in train_pos]
+    brain_refs = None
+    if cfg.data.shuffle_pairs:
+        perm = np.random.default_rng([*_seed_words(cfg.seed), 11]).permutation(len(train_refs))
+        brain_refs = [train_refs[i] for i in perm]
+    n_voxels = max(counts.values())
+    data = TrainingData(
+        train=TrainingSamples(datasets, train_refs, n_voxels, brain_refs),
+        val=TrainingSamples(datasets, [refs[i] for i in val_pos], n_voxels),
+        n_voxels=n_voxels, n_timepoints=trs.pop(), voxels_per_subject=counts,
+    )
+    logger.info("training data: subjects %s (voxels %s), %d training samples, %d validation samples (%d images held out)",
+                cfg.subjects, counts, len(data.train), len(data.val), len({ids[i] for i in val_pos}))
+    return data
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): linear
+    warm-up from 1/warmup to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW over the trainable parameters (weight decay on matrices only); also their names, in order."""
+    decay, no_decay, names = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append((name, p))
+    groups = []
+    for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        if params:
+            groups.append({"params": [p for _, p in params], "weight_decay": wd})
+            names += [n for n, _ in params]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return opt, names
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, total=cfg.steps, warmup=o.warmup_steps, min_ratio=o.min_lr_ratio))
+
+
+def resolve_mixed_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: full precision) for ``mixed_precision`` on ``device``."""
+    cuda = device.type == "cuda"
+    if name == "auto":
+        if not cuda:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "no":
+        return None
+    if name == "fp16" and not cuda:
+        raise TrainingError("mixed_precision=fp16 needs a CUDA device (loss scaling); use bf16 or no on the CPU")
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise TrainingError("this GPU does not support bf16: use mixed_precision=fp16 (or no)")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} asked for, but CUDA is not available here: use device=cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _write_dir_atomically(target: Path, write: tp.Callable[[Path], None]) -> None:
+    """``write(tmp_folder)``, then swap it in as ``target`` (``target.old`` kept until the swap is done)."""
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def complete_checkpoint_dir(target: Path) -> Path | None:
+    """``target`` if it exists, else ``target.old`` (a crash in the middle of a swap), else None."""
+    target = Path(target)
+    if target.is_dir():
+        return target
+    old = target.with_name(target.name + ".old")
+    return old if old.is_dir() else None
+
+
+def _checkpoint_metadata(cfg: TrainConfig, step: int, extra: dict) -> dict:
+    return {"step": step, "subjects": cfg.subjects, "train_config": json.loads(cfg.model_dump_json()), **extra}
+
+
+def save_training_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, param_names: list[str], sched,
+                             scaler, cfg: TrainConfig, step: int, best_val: float | None, with_state: bool = True,
+                             extra: dict | None = None) -> Path:
+    """Write ``folder/model.safetensors`` (what eval.py reads) and, with ``with_state``,
+    ``folder/state.safetensors`` (AdamW moments per parameter name, scheduler, loss
+    scaler, step, best validation loss: everything ``--resume`` needs). Atomic."""
+    from safetensors.torch import save_file
+
+    from dynadiff.checkpoint import save_checkpoint
+
+    meta = _checkpoint_metadata(cfg, step, dict(extra or {}, best_val_loss=best_val))
+
+    def write(tmp: Path) -> None:
+        save_checkpoint(model, tmp / MODEL_FILE, extra_metadata=meta)
+        if not with_state:
+            return
+        opt_state = opt.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        for idx, name in enumerate(param_names):
+            for key, value in opt_state["state"].get(idx, {}).items():
+                tensors[f"{key}/{name}"] = value.detach().to("cpu").contiguous()
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"n_params": len(g["params"])}
+                  for g in opt_state["param_groups"]]
+        state_meta = {
+            "format": "pt", "dynadiff_train_state": STATE_FORMAT, "step": str(step),
+            "param_names": json.dumps(param_names), "param_groups": json.dumps(groups),
+            "scheduler": json.dumps(sched.state_dict()), "scaler": json.dumps(scaler.state_dict() if scaler else None),
+            "best_val_loss": json.dumps(best_val), "train_config": cfg.model_dump_json(),
+        }
+        save_file(tensors, str(tmp / STATE_FILE), metadata=state_meta)
+
+    _write_dir_atomically(Path(folder), write)
+    return Path(folder) / MODEL_FILE
+
+
+@dataclasses.dataclass
+class ResumeState:
+    folder: Path
+    step: int
+    best_val: float | None
+    config: dict
+
+
+def read_resume_state(folder: Path) -> ResumeState:
+    from dynadiff.checkpoint import read_metadata
+
+    meta = read_metadata(Path(folder) / STATE_FILE)
+    if meta.get("dynadiff_train_state") != STATE_FORMAT:
+        raise TrainingError(f"{folder / STATE_FILE} is not a dynadiff training state (format {STATE_FORMAT})")
+    return ResumeState(Path(folder), int(meta["step"]), json.loads(meta["best_val_loss"]), json.loads(meta["train_config"]))
+
+
+def load_training_state(state: ResumeState, model, opt: torch.optim.Optimizer, param_names: list[str], sched,
+                        scaler) -> None:
+    """Model weights, AdamW moments, scheduler and loss-scaler state from a ``checkpoints/last`` folder."""
+    from safetensors.torch import load_file
+
+    from dynadiff.checkpoint import load_checkpoint, read_metadata
+
+    load_checkpoint(model, state.folder / MODEL_FILE)
+    meta = read_metadata(state.folder / STATE_FILE)
+    saved_names = json.loads(meta["param_names"])
+    if saved_names != param_names:
+        missing = sorted(set(param_names) - set(saved_names))
+        extra = sorted(set(saved_names) - set(param_names))
+        raise TrainingError(
+            f"{state.folder}: the optimizer state does not match this model's trainable parameters "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}, or another order)")
+    tensors = load_file(str(state.folder / STATE_FILE))
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        field, name = key.split("/", 1)
+        per_param.setdefault(param_names.index(name), {})[field] = value
+    current = opt.state_dict()
+    groups = json.loads(meta["param_groups"])
+    if [g["n_params"] for g in groups] != [len(g["params"]) for g in current["param_groups"]]:
+        raise TrainingError(f"{state.folder}: the optimizer's parameter groups do not match this model's")
+    for saved, group in zip(groups, current["param_groups"]):
+        group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "n_params"})
+    opt.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
+    sched.load_state_dict(json.loads(meta["scheduler"]))
+    scaler_state = json.loads(meta["scaler"])
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+
+
+# ----------------------------------------------------------------------------- logging outputs
+
+
+class CsvLog:
+    """``log.csv``: one row per logged train step and per validation (``split`` = train / val)."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = Path(path)
+        rows = []
+        if resume_step is not None and self.path.exists():  # drop rows logged after the checkpoint
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow({k: _fmt(row.get(k)) for k in LOG_FIELDS})
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(array).save(tmp)
+    tmp.replace(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def training_step_loss(model, batch: dict, generator: torch.Generator, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """The SPEC §4 loss of one micro-batch (a hook: tests wrap it to interrupt a run)."""
+    device = model.device
+    with _autocast(device, autocast_dtype):
+        return model.training_loss(batch["brain"].to(device, non_blocking=True), batch["img"].to(device, non_blocking=True),
+                                   batch["subject_idx"].to(device), generator=generator)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Dropout draws from the global generators: seed them for this step, restore them after."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def optimizer_step(model, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], micro_batches: tp.Iterable[dict],
+                   accumulation: int, step: int, seed: int, grad_clip: float | None,
+                   autocast_dtype: torch.dtype | None = None, scaler=None) -> tuple[float, float]:
+    """One optimizer step over ``accumulation`` micro-batches: (mean loss, gradient norm before clipping).
+
+    Micro-batch ``m`` of step ``step`` draws its diffusion noise from a generator seeded
+    by ``(seed, step, m)`` and its dropout from the global generators seeded likewise.
+    """
+    device = model.device
+    opt.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for micro, batch in enumerate(micro_batches):
+        g = torch.Generator(device).manual_seed(step_seed(seed, step, micro, _NOISE))
+        with _seeded_global_rng(step_seed(seed, step, micro, _DROPOUT), device):
+            loss = training_step_loss(model, batch, g, autocast_dtype)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss {float(loss)} at step {step}: lower optim.lr or use "
+                                    "mixed_precision=no")
+            scaled = loss / accumulation
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        step_loss += float(loss.detach()) / accumulation
+    if scaler:
+        scaler.unscale_(opt)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return step_loss, grad_norm
+
+
+@torch.no_grad()
+def validation_loss(model, data: TrainingSamples, cfg: TrainConfig, autocast_dtype, limit: int | None = None) -> float:
+    """Mean loss over the validation samples (eval mode; the same draws at every validation)."""
+    n = len(data) if limit is None else min(limit, len(data))
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for b, start in enumerate(range(0, n, cfg.batch_size)):
+            batch = collate([data[i] for i in range(start, min(n, start + cfg.batch_size))])
+            g = torch.Generator(model.device).manual_seed(step_seed(cfg.seed, b, 0, _VALIDATION))
+            total += float(training_step_loss(model, batch, g, autocast_dtype)) * len(batch["brain"])
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def sample_grid(model, data: TrainingSamples, n: int, seed: int) -> np.ndarray:
+    """Ground truths above reconstructions of the first ``n`` validation samples, uint8."""
+    from dynadiff.evaluation import overview_grid
+
+    n = min(n, len(data))
+    batch = collate([data[i] for i in range(n)])
+    recs = model.reconstruct(batch["brain"], batch["subject_idx"], seed=seed)
+    recs = [(r.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for r in recs]
+    gts = [data.image(i) for i in range(n)]
+    return overview_grid(gts, recs, n, tile=min(160, max(64, recs[0].shape[0])))
+
+
+def init_model(cfg: TrainConfig, data: TrainingData, device: torch.device | str = "cpu"):
+    """The decoder at step 0 (eval mode): its brain module and LoRA initialisation depend on ``cfg.seed`` only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(cfg.seed, 0, 0, _INIT))
+        return cfg.versatilediffusion_config.build(
+            cfg.brain_modules_config, n_voxels=data.n_voxels, n_subjects=len(cfg.subjects),
+            n_timepoints=data.n_timepoints, device=device)
+
+
+def _check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
+    last = complete_checkpoint_dir(out / "checkpoints" / "last")
+    if not cfg.resume:
+        if last is not None:
+            raise TrainingError(
+                f"{out} already holds a training run (checkpoint {last}): pass --resume to continue it, "
+                "or choose another --output")
+        return None
+    if last is None:
+        logger.warning("--resume: no checkpoint under %s, starting from step 0", out / "checkpoints")
+        return None
+    state = read_resume_state(last)
+    mismatch = config_differences(state.config, json.loads(cfg.model_dump_json()))
+    if mismatch:
+        raise TrainingError(
+            f"cannot resume {last}: the configuration differs from the checkpoint's in {mismatch}; resuming "
+            "continues the same run (change them in a new run with another --output)")
+    if state.step > cfg.steps:
+        raise TrainingError(f"{last} is at step {state.step}, beyond steps={cfg.steps}")
+    return state
+
+
+EVAL_KEYS = ("data.nsd_dataset_config.nsddata_path", "data.nsd_dataset_config.offset",
+             "data.nsd_dataset_config.duration", "data.nsd_dataset_config.sessions", "brain_modules_config",
+             "versatilediffusion_config.vd_cache_dir", "versatilediffusion_config.dual_attention",
+             "versatilediffusion_config.image_size", "versatilediffusion_config.lora_rank",
+             "versatilediffusion_config.lora_alpha", "versatilediffusion_config.lora_target_modules")
+
+
+def eval_command(cfg: TrainConfig, checkpoint: str | Path) -> str:
+    """The ``eval.py`` command line for a checkpoint of this run: the keys that differ from eval's defaults."""
+    from dynadiff.config import EvalConfig
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    mine = flat(json.loads(cfg.model_dump_json()))
+    default = flat(json.loads(EvalConfig().model_dump_json()))
+    args = []
+    for key, value in mine.items():
+        if any(key == k or key.startswith(k + ".") for k in EVAL_KEYS) and default.get(key) != value:
+            text = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+            args.append(f"{key}={text}")
+    if len(cfg.subjects) > 1:
+        return "(several subjects: eval.py evaluates single-subject checkpoints only, for now)"
+    return shlex.join(["python", "eval.py", "--subject", str(cfg.subjects[0]), "--checkpoint", str(checkpoint), *args])
+
+
+# Keys that may change between an interrupted run and its continuation without changing its results.
+RESUMABLE_CHANGES = ("device", "cpu_threads", "progress", "resume", "infra", "data.num_workers", "log_every",
+                     "sample_every", "n_sample_images", "checkpoint_every", "output_dir",
+                     "data.nsd_dataset_config.nsddata_path", "data.nsd_dataset_config.infra",
+                     "versatilediffusion_config.vd_cache_dir", "versatilediffusion_config.num_inference_steps",
+                     "versatilediffusion_config.guidance_scale", "versatilediffusion_config.scheduler",
+                     "versatilediffusion_config.seed")  # the last four: sample grids only
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, except those in ``RESUMABLE_CHANGES``."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if name in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name + ".")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or continue) the training described by ``cfg``; returns a summary dict."""
+    import yaml
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    out = Path(cfg.output_dir)
+    resume = _check_output(cfg, out)
+    device = resolve_device(cfg.device)
+    autocast_dtype = resolve_mixed_precision(cfg.mixed_precision, device)
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = build_training_data(cfg)
+    if cfg.val_every and not len(data.val):
+        raise TrainingError("the validation split is empty: raise data.val_fraction or set val_every=0")
+    model = init_model(cfg, data, device)
+    model.train()
+    opt, param_names = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    start, best_val = 0, None
+    if resume is not None:
+        load_training_state(resume, model, opt, param_names, sched, scaler)
+        start, best_val = resume.step, resume.best_val
+        logger.info("resumed from %s at step %d", resume.folder, start)
+    _write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    log = CsvLog(out / "log.csv", start if resume is not None else None)
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    logger.info("model: %d trainable parameters (brain module + LoRA), %d subject(s), %d voxels; device %s, autocast %s",
+                n_trainable, len(cfg.subjects), data.n_voxels, device, autocast_dtype)
+
+    stream = SampleStream(len(data.train), cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_sampler=StepBatches(stream, cfg.batch_size, cfg.grad_accumulation, start, cfg.steps),
+        collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=False)
+    batches = iter(loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    samples_per_step = cfg.batch_size * cfg.grad_accumulation
+    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+    t0 = time.perf_counter()
+    last_val, last_loss = None, None
+    ckpt_dir = out / "checkpoints"
+
+    def checkpoint(step: int) -> None:
+        save_training_checkpoint(ckpt_dir / "last", model, opt, param_names, sched, scaler, cfg, step, best_val,
+                                 extra={"val_loss": last_val})
+
+    def validate(step: int) -> None:
+        nonlocal best_val, last_val
+        last_val = validation_loss(model, data.val, cfg, autocast_dtype, cfg.val_max_samples)
+        log.write(step=step, split="val", loss=last_val, epoch=step * samples_per_step / len(data.train),
+                  time_s=time.perf_counter() - t0)
+        improved = best_val is None or last_val < best_val
+        logger.info("step %d: validation loss %.5f%s", step, last_val, " (best)" if improved else "")
+        if improved:
+            best_val = last_val
+            save_training_checkpoint(ckpt_dir / "best", model, opt, param_names, sched, scaler, cfg, step, best_val,
+                                     with_state=False, extra={"val_loss": last_val})
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    with logging_redirect_tqdm(), bar:
+        for step in range(start, cfg.steps):
+            lr = sched.get_last_lr()[0]
+            micro_batches = (next(batches) for _ in range(cfg.grad_accumulation))
+            step_loss, grad_norm = optimizer_step(model, opt, params, micro_batches, cfg.grad_accumulation, step,
+                                                  cfg.seed, cfg.optim.grad_clip, autocast_dtype, scaler)
+            sched.step()
+            done = step + 1
+            last_loss = step_loss
+            window_loss += step_loss
+            window_n += 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                rate = window_n * samples_per_step / max(now - window_t, 1e-9)
+                log.write(step=done, split="train", loss=window_loss / window_n, lr=lr, grad_norm=grad_norm,
+                          samples_per_s=rate, epoch=done * samples_per_step / len(data.train), time_s=now - t0)
+                bar.set_postfix(loss=f"{window_loss / window_n:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                window_loss, window_n, window_t = 0.0, 0, now
+            bar.update(1)
+            if len(data.val) and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps):
+                validate(done)
+            if cfg.sample_every and len(data.val) and (done % cfg.sample_every == 0 or done == cfg.steps):
+                grid = sample_grid(model, data.val, cfg.n_sample_images, cfg.versatilediffusion_config.seed)
+                _save_png(grid, out / "samples" / f"step_{done:07d}.png")
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+
+    if start == cfg.steps and resume is not None:
+        logger.info("the run at %s had already finished (%d steps)", out, cfg.steps)
+    summary = {
+        "output_dir": str(out),
+        "steps": cfg.steps,
+        "resumed_from": start if resume is not None else None,
+        "last_train_loss": last_loss,
+        "last_val_loss": last_val,
+        "best_val_loss": best_val,
+        "last_checkpoint": str(ckpt_dir / "last" / MODEL_FILE),
+        "best_checkpoint": str(ckpt_dir / "best" / MODEL_FILE) if (ckpt_dir / "best").exists() else None,
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+        "n_voxels": data.voxels_per_subject,
+    }
+    summary["eval_command"] = eval_command(cfg, summary["best_checkpoint"] or summary["last_checkpoint"])
+    _write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
