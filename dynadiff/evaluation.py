@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from dynadiff.config import EvalConfig, ReconstructionConfig
+from dynadiff.files import save_png as _save_png
+from dynadiff.files import write_text as _write_text
 
 logger = logging.getLogger(__name__)
 
@@ -101,20 +103,6 @@ def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.
             images = model.reconstruct(brain, subject_idx, seed=vd.seed)
         for img in images:
             yield (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def metrics_table(result: dict) -> str:

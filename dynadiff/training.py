@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from dynadiff.config import OptimizerConfig, TrainConfig
+from dynadiff.files import save_png as _save_png
+from dynadiff.files import write_text as _write_text
 
 logger = logging.getLogger(__name__)
 
@@ -405,21 +407,6 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- the loop
