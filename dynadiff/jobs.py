@@ -33,6 +33,8 @@ from pathlib import Path
 
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from dynadiff.slurm_local import pid_alive
+
 logger = logging.getLogger(__name__)
 
 JOB_ERRORS = (UncompletedJobError, FailedJobError)  # what exca raises when a submitit job fails
@@ -82,20 +84,6 @@ def _scheduler(infra) -> str:
     return str(infra.cluster)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process runs (a zombie, finished but not yet reaped by its parent, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:  # no /proc (macOS): trust kill
-        return True
-
-
 def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOutcome]:
     """Wait until each job has finished, then read its outcome (sorted by job id)."""
     import submitit
@@ -119,7 +107,7 @@ def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOu
             if job is not None:
                 if not job.done():
                     running.append(job_id)
-            elif job_id.isdigit() and _pid_alive(int(job_id)):  # local jobs: the id is the process id
+            elif job_id.isdigit() and pid_alive(int(job_id)):  # local jobs: the id is the process id
                 running.append(job_id)
         if not running:
             break

@@ -276,7 +276,7 @@ class LocalSlurm:
 
     def _check_alive(self, name: str) -> None:
         pid = self._started_pids().get(name)
-        if pid is None or not _alive(pid):
+        if pid is None or not pid_alive(pid, reap=True):
             log = {"munged": self.root / "munge" / "log" / "munged.log"}.get(name, self.log_dir / f"{name}.log")
             raise SlurmSetupError(f"{name} exited at start: see {log} and {self.log_dir / (name + '.stdout')}")
 
@@ -305,24 +305,24 @@ class LocalSlurm:
         return [dict(zip(keys, line.split("|", 3))) for line in res.stdout.splitlines() if line.strip()]
 
     def running(self) -> bool:
-        return any(_alive(pid) for pid in self._started_pids().values())
+        return any(pid_alive(pid, reap=True) for pid in self._started_pids().values())
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the daemons this folder's ``start`` started (by their recorded ids); jobs still running die too."""
         pids = self._started_pids()
-        if "slurmctld" in pids and _alive(pids["slurmctld"]):
+        if "slurmctld" in pids and pid_alive(pids["slurmctld"], reap=True):
             self._cancel_all_jobs(timeout)
         # slurmd first (it ends its jobs), munged last (the others need it to shut down cleanly)
         order = [n for n in ("slurmd", "slurmctld", "munged") if n in pids] + [n for n in pids if n not in
                                                                                 ("slurmd", "slurmctld", "munged")]
         for name in order:
             pid = pids[name]
-            if _alive(pid):
+            if pid_alive(pid, reap=True):
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout
-                while _alive(pid) and time.monotonic() < deadline:
+                while pid_alive(pid, reap=True) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                if _alive(pid):
+                if pid_alive(pid, reap=True):
                     logger.warning("%s (pid %d) ignored SIGTERM for %.0f s: killing it", name, pid, timeout)
                     os.kill(pid, signal.SIGKILL)
             (self._pid_dir / f"{name}.started").unlink(missing_ok=True)
@@ -342,26 +342,32 @@ class LocalSlurm:
 
     def status(self) -> str:
         pids = self._started_pids()
-        lines = [f"{name}: pid {pid} {'running' if _alive(pid) else 'not running'}" for name, pid in pids.items()]
+        lines = [f"{name}: pid {pid} {'running' if pid_alive(pid, reap=True) else 'not running'}" for name, pid in pids.items()]
         return "\n".join(lines) if lines else f"no local cluster started in {self.root}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: ask the kernel
+def pid_alive(pid: int, reap: bool = False) -> bool:
+    """Whether a process runs (a zombie, finished but not yet reaped by its parent, does not).
+
+    ``reap``: first reap ``pid`` if it is an exited child of this process (only for
+    processes this process started itself and nobody else waits for).
+    """
+    if reap:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)
+            if waited == pid:
+                return False
+        except ChildProcessError:
+            pass  # not our child: ask the kernel
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): trust kill
         return True
 
 
