@@ -120,6 +120,7 @@ class LocalSlurm:
     root: Path = DEFAULT_DIR
     cpus: int = 16  # claimed by the node (may exceed the machine's: SlurmdParameters=config_overrides)
     node: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
+    kill_wait: int = 5  # s between a cancelled job's SIGTERM (which submitit ignores) and its SIGKILL
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).absolute()
@@ -224,7 +225,7 @@ class LocalSlurm:
             f"SlurmdPidFile={r / 'pids' / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc",
+            "ProctrackType=proctrack/pgid",  # linuxproc loses a batch script's child that outlives the script
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
@@ -234,7 +235,7 @@ class LocalSlurm:
             "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/backfill",
             "SchedulerParameters=batch_sched_delay=0",  # else ~3 s before each job starts
-            "KillWait=5",
+            f"KillWait={self.kill_wait}",
             "MinJobAge=3600",  # finished jobs stay in `squeue -t all` (the sacct stand-in's source)
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",  # the node may claim more CPUs than the machine has

@@ -1,4 +1,5 @@
-"""The local cluster itself: the sacct stand-in, submission as exca does it, stop leaves nothing behind."""
+"""The local cluster itself: the sacct stand-in, submission as exca does it, cancelled jobs die, stop leaves
+nothing behind."""
 
 from __future__ import annotations
 
@@ -62,8 +63,22 @@ def test_submitit_round_trip_without_slurm_variables(slurm_cluster, tmp_path, mo
     with submitit.helpers.clean_env():
         assert "SLURM_CONF" not in os.environ
         job = executor.submit(math.factorial, 5)
-    assert job.result() == 120
-    assert any(j["id"] == job.job_id and j["state"] == "COMPLETED" for j in slurm_cluster.jobs())
+    assert job.result() == 120  # written by the job a moment before it ends
+    _wait_for(lambda: any(j["id"] == job.job_id and j["state"] == "COMPLETED" for j in slurm_cluster.jobs()), 10,
+              "the job to complete")
+
+
+def test_cancelled_job_dies_even_when_it_ignores_sigterm(slurm_cluster, tmp_path):
+    """submitit's jobs ignore SIGTERM and run as a child of the batch script: after ``scancel`` they must
+    still die, KillWait (1 s here) later, not keep running (and writing results) unseen."""
+    pid_file = tmp_path / "job.pid"
+    script = f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    job = _sbatch(slurm_cluster, "-o", "/dev/null", "--wrap", f"python3 -c \"{script}\"")
+    pid = int(_wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 20, "the job to start"))
+    assert _running(pid)
+    subprocess.run(["scancel", job], env=slurm_cluster.env(), check=True)
+    _wait_for(lambda: not _running(pid), 10, "the cancelled job's process to die")
 
 
 def test_stop_ends_the_daemons_and_the_running_jobs(slurm_available, tmp_path):
