@@ -9,6 +9,7 @@ value names the key and pydantic's reason.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import typing as tp
 from pathlib import Path
@@ -118,3 +119,13 @@ def load_yaml(path: Path) -> dict:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def setup_job_logging() -> None:
+    """In a submitit job (SLURM or local processes), send the log to the job's log files.
+
+    A job is a fresh Python in which nothing has configured logging (the submitting
+    script's :func:`setup_logging` does not travel with it); elsewhere, a no-op.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") and not logging.getLogger().handlers:
+        setup_logging()

@@ -23,9 +23,7 @@ sub-folder per job id, holding ``<id>_submitted.pkl`` and the
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import logging
-import os
 import shutil
 import time
 import typing as tp
@@ -58,11 +56,11 @@ class JobOutcome:
 
 def jobs_folder(infra) -> Path | None:
     """The folder holding one sub-folder per job of this infra (None for a custom ``logs`` layout)."""
-    uid_folder = infra.uid_folder()
-    if uid_folder is None:  # no cache folder: no jobs either
+    if infra.uid_folder() is None:  # no cache folder: no jobs either
         return None
-    pattern = str(infra.logs).replace("{folder}", str(uid_folder)).replace("{user}", getpass.getuser())
-    path = Path(pattern)
+    # exca's own resolution of ``logs`` (pinned exca): ``{folder}`` is the uid folder of a MapInfra,
+    # its parent (the method's folder) for a TaskInfra
+    path = Path(infra._log_path())
     return path.parent if path.name == "%j" else None
 
 

@@ -25,3 +25,17 @@ class FlakyMap(pydantic.BaseModel):
                 with open(self.record, "a") as f:
                     f.write(f"{x}\n")
             yield x * x
+
+
+class FlakyTask(pydantic.BaseModel):
+    """One job (an exca TaskInfra, whose logs sit beside its uid folders, not in them): raises if ``fail``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    fail: bool = False
+    infra: exca.TaskInfra = exca.TaskInfra(version="1")
+
+    @infra.apply
+    def run(self) -> int:
+        if self.fail:
+            raise ValueError("the task is cursed")
+        return 1

@@ -56,6 +56,25 @@ def test_failed_local_job_is_reported_and_the_rerun_computes_only_the_missing(fl
     assert sorted(_computed(tmp_path)[len(done_before):]) == sorted(missing)
 
 
+def test_failed_task_job_is_found_in_the_task_log_folder(tmp_path, monkeypatch):
+    """A TaskInfra (train.py's) keeps its logs in the method's folder, not in the uid folder as a map."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(HERE))
+    from flaky_map import FlakyTask
+
+    cfg = FlakyTask(fail=True, infra={"folder": tmp_path, "cluster": "local", "timeout_min": 5})
+    before = jobs.snapshot(cfg.infra)
+    with pytest.raises(jobs.JOB_ERRORS):
+        cfg.run()
+    report = jobs.failure_report(cfg.infra, "training", before)
+    assert report.startswith("training: 1 of 1 cluster job(s) failed (on local)"), report
+    job = re.search(r"job (\d+): FAILED: ValueError: the task is cursed\n    logs: (\S+)", report)
+    assert job, report
+    log = Path(job.group(2))
+    assert "the task is cursed" in log.read_text()
+    assert cfg.infra.uid_folder() not in log.parents and log.is_relative_to(tmp_path)
+
+
 def test_report_when_no_job_could_be_submitted(flaky):
     cfg = flaky()
     error = RuntimeError("sbatch: error: Invalid generic resource (gres) specification")
@@ -67,11 +86,13 @@ def test_report_when_no_job_could_be_submitted(flaky):
 def test_outcome_of_a_job_that_left_no_result(tmp_path):
     """A job killed before writing its result (here: no such process) is DIED, with its log paths."""
     class Infra:  # the attributes of an exca MapInfra that collect() reads
-        logs = "{folder}/logs/{user}/%j"
         cluster = "local"
 
         def uid_folder(self):
             return tmp_path
+
+        def _log_path(self):
+            return tmp_path / "logs" / "me" / "%j"
 
     folder = jobs.jobs_folder(Infra())
     (folder / "999999999").mkdir(parents=True)
