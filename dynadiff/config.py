@@ -13,6 +13,7 @@ import exca
 import numpy as np
 import pydantic
 
+from dynadiff.cli import setup_job_logging
 from dynadiff.data import nsd
 from dynadiff.data.nsd import SUBJECTS
 
@@ -77,6 +78,7 @@ class NsdDatasetConfig(StrictModel):
         """
         from dynadiff.data.dataset import compute_run_windows
 
+        setup_job_logging()  # in a cluster job: its log files get the log
         yield from compute_run_windows(self, items)
 
     def build(self, subject_idx: int = 0):
@@ -129,7 +131,8 @@ class ReconstructionConfig(StrictModel):
     The cache key holds everything that changes the images: the data
     selection, both model configs, the checkpoint (path *and* a digest of its
     files' sizes and modification times) and the sampler settings; it leaves
-    out ``device`` and ``batch_size`` (sampling is batch-invariant).
+    out ``device`` and ``batch_size`` (each image has its own random stream; the
+    batch size changes it at float rounding level only).
     """
 
     data: NsdDatasetConfig = NsdDatasetConfig()
@@ -147,6 +150,7 @@ class ReconstructionConfig(StrictModel):
         """(H, W, 3) uint8 reconstruction of each test index (before face blurring)."""
         from dynadiff.evaluation import generate_images
 
+        setup_job_logging()  # in a cluster job: its log files get the log
         yield from generate_images(self, indices)
 
 
@@ -362,4 +366,5 @@ class TrainConfig(StrictModel):
         """Train (or continue with ``resume``); returns a summary (steps, losses, checkpoint paths)."""
         from dynadiff.training import train
 
+        setup_job_logging()  # in a cluster job: its log files get the log
         return train(self)

@@ -13,12 +13,16 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import typing as tp
 from pathlib import Path
 
 import numpy as np
+
+if tp.TYPE_CHECKING:
+    import torch
 
 from dynadiff.config import EvalConfig, ReconstructionConfig
 from dynadiff.files import save_png as _save_png
@@ -84,25 +88,39 @@ def build_decoder(cfg: ReconstructionConfig, n_voxels: int):
     return model, device
 
 
-def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.Iterator[np.ndarray]:
-    """(H, W, 3) uint8 reconstructions of the given test indices, in order, in batches."""
+def reconstruct_in_batches(model, windows: tp.Iterable[np.ndarray], batch_size: int, seed: int,
+                           device: str) -> tp.Iterator[torch.Tensor]:
+    """(3, S, S) float images in [0, 1] of the fMRI windows, in order, sampled in batches of exactly ``batch_size``.
+
+    A short last batch is padded by repeating its last window, and the padding's images
+    are dropped. Float rounding in the sampler depends on the batch size (about 1e-6,
+    which can flip an 8-bit pixel), but not on the other rows of a batch: with a fixed
+    size, an image does not depend on how the windows were split into jobs or batches.
+    """
     import torch
 
+    windows = iter(windows)  # read lazily: a job's windows need not all be in memory
+    while batch := list(itertools.islice(windows, batch_size)):
+        n = len(batch)
+        batch += [batch[-1]] * (batch_size - n)
+        brain = torch.from_numpy(np.stack(batch)).to(device)
+        subject_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
+        with torch.no_grad():
+            images = model.reconstruct(brain, subject_idx, seed=seed)
+        yield from images[:n]
+
+
+def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.Iterator[np.ndarray]:
+    """(H, W, 3) uint8 reconstructions of the given test indices, in order (see :func:`reconstruct_in_batches`)."""
     indices = list(indices)
     if not indices:
         return
     ds = cfg.data.build()
     model, device = build_decoder(cfg, ds.n_voxels)
     logger.info("generating %d image(s) on %s", len(indices), device)
-    vd = cfg.versatilediffusion_config
-    for start in range(0, len(indices), cfg.batch_size):
-        batch = indices[start : start + cfg.batch_size]
-        brain = torch.from_numpy(np.stack([ds.brain(i) for i in batch])).to(device)
-        subject_idx = torch.zeros(len(batch), dtype=torch.long, device=device)
-        with torch.no_grad():
-            images = model.reconstruct(brain, subject_idx, seed=vd.seed)
-        for img in images:
-            yield (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    windows = (ds.brain(i) for i in indices)
+    for img in reconstruct_in_batches(model, windows, cfg.batch_size, cfg.versatilediffusion_config.seed, device):
+        yield (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def metrics_table(result: dict) -> str:

@@ -1,10 +1,8 @@
 """``eval.py --infra-yaml`` through the local SLURM cluster, on the mini-NSD with a tiny model.
 
 One run prepares the data as SLURM jobs and generates the test images as a
-job array; its images must equal a local run's, bit for bit. (Images are made
-one at a time, ``--batch-size 1``: the sampler's results depend on the batch
-*size* at float rounding level, about 1e-6, which turns into rare 1-level pixel
-differences when a job's last batch is smaller than the local run's.) A second run (another sampler
+job array; its images must equal a local run's, bit for bit, at ``--batch-size 4``
+(the local run samples one batch of 4, each job a batch of 2 padded to 4). A second run (another sampler
 seed, so every image is regenerated) loses one job to ``scancel``: the report
 names it and its logs, the other job's images stay cached, and the rerun
 submits only the missing images.
@@ -67,7 +65,7 @@ def tiny(slurm_available, synthetic_nsd, tmp_path_factory):
     infra = root / "infra.yaml"
     infra.write_text(INFRA_YAML)
     args = ["--subject", "1", "--vd_cache_dir", str(vd), "--checkpoint", str(ckpt), "--device", "cpu",
-            "--batch-size", "1", "--limit", str(N_IMAGES), "--no-blur-faces", "--metrics", "pixcorr",
+            "--batch-size", "4", "--limit", str(N_IMAGES), "--no-blur-faces", "--metrics", "pixcorr",
             f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
             "brain_modules_config.hidden=32", "versatilediffusion_config.image_size=64",
             "versatilediffusion_config.num_inference_steps=2"]
