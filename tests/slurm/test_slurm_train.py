@@ -1,0 +1,150 @@
+"""``train.py --infra-yaml`` (section ``train``) through the local SLURM cluster, with a tiny decoder.
+
+The training runs as one SLURM job and gives, bit for bit, the weights of the same
+training run in the ``train.py`` process. A second cluster run loses its job to
+``scancel`` after a checkpoint: ``train.py`` reports the cancelled job and its logs
+and says to add ``--resume``; resumed (again as a job) it ends with the weights of the
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 120  # a few seconds: the cancelled job (killed 1 s after scancel) cannot finish first
+INFRA_YAML = """\
+train:
+  cluster: slurm
+  cpus_per_task: 1
+  timeout_min: 10
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(slurm_available, synthetic_nsd, tmp_path_factory):
+    from dynadiff.models.tiny import write_tiny_vd
+
+    nsd, _ = synthetic_nsd
+    root = tmp_path_factory.mktemp("slurm_train")
+    vd = write_tiny_vd(root / "vd", unet_block_out_channels=(8, 8, 16, 16), vae_block_out_channels=(8, 8, 8))
+    infra = root / "infra.yaml"
+    infra.write_text(INFRA_YAML)
+    overrides = [  # 32 px images (8x8 latents), 16 hidden units, 4 tokens: about 0.1 s a step
+        f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
+        "data.nsd_dataset_config.image_size=32", "versatilediffusion_config.image_size=32", "data.num_workers=0",
+        "progress=false", "brain_modules_config.hidden=16", "brain_modules_config.n_tokens=4",
+        "versatilediffusion_config.num_inference_steps=2", "batch_size=4", "optim.warmup_steps=2", "optim.lr=1e-3",
+        "log_every=1", "val_every=0", "val_max_samples=8", "sample_every=0", "checkpoint_every=2",
+        "data.val_fraction=0.1",
+    ]
+    args = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--steps", str(STEPS), *overrides]
+    return {"root": root, "infra": infra, "args": args}
+
+
+def _train_cmd(setup, name: str, *extra: str, infra: bool = True) -> list[str]:
+    root = setup["root"]
+    cmd = [sys.executable, str(REPO / "train.py"), *setup["args"], "--output", str(root / name),
+           "--cache", str(root / f"cache_{name}"), *extra]
+    return cmd + (["--infra-yaml", str(setup["infra"])] if infra else [])
+
+
+def _env(cluster=None) -> dict:
+    return dict(os.environ if cluster is None else cluster.env(), OMP_NUM_THREADS="1")
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(stdout[: stdout.rindex("}") + 1])
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return {f"{name}/{k}": v for name in ("model", "state")
+            for k, v in load_file(str(run / "checkpoints" / "last" / f"{name}.safetensors")).items()}
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _training_jobs(cluster, before: set[str], timeout: float = 30) -> list[dict]:
+    """The training jobs submitted since ``before``, once finished (the job's result is written a moment
+    before the job ends)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = [j for j in cluster.jobs() if j["id"] not in before and j["name"].startswith("TrainConfig")]
+        if all(j["state"] not in ("PENDING", "RUNNING", "COMPLETING") for j in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def local_run(setup):
+    proc = subprocess.run(_train_cmd(setup, "local", infra=False), env=_env(), capture_output=True, text=True,
+                          timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _summary(proc.stdout)["steps"] == STEPS
+    return setup["root"] / "local"
+
+
+def test_training_runs_as_one_slurm_job_with_the_local_run_weights(setup, local_run, slurm_cluster):
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    proc = subprocess.run(_train_cmd(setup, "cluster"), env=_env(slurm_cluster), capture_output=True, text=True,
+                          timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(proc.stdout)
+    assert summary["steps"] == STEPS and summary["resumed_from"] is None
+    jobs = _training_jobs(slurm_cluster, before)
+    assert len(jobs) == 1 and jobs[0]["state"] == "COMPLETED", jobs
+    # exca logged that job in the --cache folder, where the training's own outputs are not
+    logs = list((setup["root"] / "cache_cluster").glob(f"dynadiff.config.TrainConfig.run,1/logs/*/{jobs[0]['id']}"))
+    assert len(logs) == 1, logs
+    _assert_same_weights(setup["root"] / "cluster", local_run)
+
+
+def test_cancelled_training_job_is_reported_and_resumes_exactly(setup, local_run, slurm_cluster):
+    run = setup["root"] / "cancelled"
+    checkpoint = run / "checkpoints" / "last" / "state.safetensors"
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    proc = subprocess.Popen(_train_cmd(setup, "cancelled"), env=_env(slurm_cluster), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists():  # the job has saved a checkpoint: cancel it mid-run
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
+        (job,) = _training_jobs(slurm_cluster, before, timeout=0)
+        subprocess.run(["scancel", job["id"]], env=slurm_cluster.env(), check=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err[-3000:]
+    assert f"job {job['id']}: CANCELLED" in err, err[-3000:]
+    assert "add --resume" in err and "Traceback" not in err
+    log_line = next(line for line in err.splitlines() if "logs:" in line)
+    assert Path(log_line.split("logs:")[1].strip()).exists()
+    from dynadiff.training import read_resume_state
+
+    stopped_at = read_resume_state(run / "checkpoints" / "last").step
+    assert 0 < stopped_at < STEPS
+
+    resumed = subprocess.run(_train_cmd(setup, "cancelled", "--resume"), env=_env(slurm_cluster),
+                             capture_output=True, text=True, timeout=420)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = _summary(resumed.stdout)
+    assert summary["steps"] == STEPS and summary["resumed_from"] is not None and summary["resumed_from"] >= stopped_at
+    assert sorted(j["state"] for j in _training_jobs(slurm_cluster, before)) == ["CANCELLED", "COMPLETED"]
+    _assert_same_weights(run, local_run)
