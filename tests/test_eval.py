@@ -1,6 +1,5 @@
 """eval.py end to end on the synthetic mini-NSD with a tiny model (checkpoint through the real save path)."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,16 +12,14 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 N_LIMIT = 6
 
 
 def _load_eval_module():
-    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval")
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from dynadiff.cli import ConfigError
 from dynadiff.infra import infra_overrides, load_infra_yaml
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TARGETS = {"task_infra_data": "data.nsd_dataset_config.infra", "map_infra_image_generation": "image_generation"}
@@ -21,10 +21,7 @@ def _yaml(tmp_path, text: str) -> Path:
 
 
 def _eval_module():
-    spec = importlib.util.spec_from_file_location("eval_cli_infra", REPO / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval")
 
 
 def test_shipped_yaml_has_the_original_sections_and_defaults():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import subprocess
 import sys
@@ -15,19 +14,12 @@ from PIL import Image
 from scipy.io import loadmat
 
 from dynadiff.data import nsd
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare_data = _load("prepare_data", REPO / "prepare_data.py")
+prepare_data = load_script("prepare_data")
 
 
 def _bucket_objects(root: Path) -> dict[str, Path]:

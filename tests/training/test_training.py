@@ -17,6 +17,7 @@ from dynadiff.config import OptimizerConfig, TrainConfig
 from dynadiff.data.dataset import split_by_image
 from dynadiff.training import (SampleStream, StepBatches, TrainingError, complete_checkpoint_dir, epoch_permutation,
                                lr_factor, read_resume_state, train)
+from scripts import load_script
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -103,12 +104,9 @@ def test_mixed_precision_resolution():
 
 
 def test_train_script_flags_and_resume_base(tmp_path):
-    import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("train_script_under_test", Path(__file__).parents[2] / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train")
     infra = tmp_path / "infra.yaml"
     infra.write_text("train:\n  cluster: debug\n  cpus_per_task: 3\n  folder: " + str(tmp_path / "jobs") + "\n")
     args = script.parse_args(["--subjects", "5", "2", "--output", str(tmp_path / "r"), "--steps", "9",
@@ -210,16 +208,12 @@ def test_checkpoints_are_complete_and_load_into_eval(make_train_config, tmp_path
     grid = np.asarray(Image.open(out / "samples" / "step_0000003.png"))
     assert grid.shape == (2 * 64, 3 * 64, 3)
     # the eval.py command the run prints reads the checkpoint (every trainable tensor, nothing missing)
-    import importlib.util
     import shlex
-    from pathlib import Path
 
     command = shlex.split(summary["eval_command"])
     assert command[:3] == ["python", "eval.py", "--subject"] and str(best) in command
     assert "brain_modules_config.n_tokens=4" in command and "versatilediffusion_config.image_size=32" in command
-    spec = importlib.util.spec_from_file_location("eval_script_under_test", Path(__file__).parents[2] / "eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("eval")
     args = script.parse_args(command[2:] + ["--cache", str(tmp_path / "eval"), "--device", "cpu", "--limit", "3",
                                             "--metrics", "pixcorr", "--no-blur-faces",
                                             "versatilediffusion_config.num_inference_steps=2"])
