@@ -126,7 +126,8 @@ def main(argv=None) -> int:
                      jobs.failure_report(cfg.infra, "training", before, error=e))
         return 1
     print(json.dumps(result, indent=1))
-    print(f"Evaluate with: {result['eval_command']}")
+    commands = result["eval_command"].splitlines()  # one per subject
+    print("Evaluate with:" + (f" {commands[0]}" if len(commands) == 1 else "".join(f"\n  {c}" for c in commands)))
     return 0
 
 

@@ -68,14 +68,62 @@ def check_checkpoint(path: Path, subject: int) -> None:
             f"checkpoint {path} not found: put the published subj{subject:02d} folder there (see "
             "checkpoints/README.md), or pass --checkpoint PATH (a train.py output or a converted .safetensors)"
         )
+    checkpoint_subjects(path, subject)
 
 
-def build_decoder(cfg: ReconstructionConfig, n_voxels: int):
+def _trained_subjects(path: Path) -> list[int] | None:
+    """The subjects a train.py checkpoint was trained on (its metadata), else None."""
+    from dynadiff.checkpoint import read_metadata
+
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    try:
+        subjects = json.loads(read_metadata(path).get("subjects", "null"))
+    except (OSError, ValueError):  # not readable as safetensors: the loader says why
+        return None
+    return [int(s) for s in subjects] if isinstance(subjects, list) else None
+
+
+def checkpoint_subjects(path: Path, subject: int) -> tuple[int, int]:
+    """(number of subject layers, this subject's layer) of a checkpoint.
+
+    A train.py checkpoint names the subjects it was trained on, in layer order; any
+    other checkpoint (the published ones) has one layer, for its own subject.
+    """
+    subjects = _trained_subjects(path)
+    if subjects is None:
+        return 1, 0
+    if subject not in subjects:
+        raise EvaluationError(
+            f"checkpoint {path} was trained on subject(s) {subjects}, not on subject {subject}: evaluate one of "
+            f"those (--subject), or pass the checkpoint of subject {subject}"
+        )
+    return len(subjects), subjects.index(subject)
+
+
+def model_voxels(path: Path, n_voxels: int) -> int:
+    """Input width of the checkpoint's brain module: several subjects' windows are zero-padded to the largest
+    voxel count (train.py); otherwise the subject's own ``n_voxels``."""
+    from dynadiff.checkpoint import read_metadata
+
+    subjects = _trained_subjects(path)
+    if subjects is None or len(subjects) == 1:
+        return n_voxels
+    width = int(read_metadata(path)["n_voxels"])
+    if n_voxels > width:
+        raise EvaluationError(f"this subject has {n_voxels} nsdgeneral voxels, more than the {width} inputs of "
+                              f"checkpoint {path}: is the data the one it was trained on?")
+    return width
+
+
+def build_decoder(cfg: ReconstructionConfig, n_voxels: int, n_subjects: int = 1):
     """The model with the checkpoint's weights, on its device, in eval mode; a clear error on mismatch."""
     from dynadiff.checkpoint import CheckpointError, load_checkpoint
 
     device = resolve_device(cfg.device)
-    model = cfg.versatilediffusion_config.build(cfg.brain_modules_config, n_voxels=n_voxels, device=device)
+    model = cfg.versatilediffusion_config.build(cfg.brain_modules_config, n_voxels=n_voxels, n_subjects=n_subjects,
+                                                device=device)
     try:
         load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
     except CheckpointError as e:
@@ -89,7 +137,7 @@ def build_decoder(cfg: ReconstructionConfig, n_voxels: int):
 
 
 def reconstruct_in_batches(model, windows: tp.Iterable[np.ndarray], batch_size: int, seed: int,
-                           device: str) -> tp.Iterator[torch.Tensor]:
+                           device: str, subject_idx: int = 0) -> tp.Iterator[torch.Tensor]:
     """(3, S, S) float images in [0, 1] of the fMRI windows, in order, sampled in batches of exactly ``batch_size``.
 
     A short last batch is padded by repeating its last window, and the padding's images
@@ -104,9 +152,9 @@ def reconstruct_in_batches(model, windows: tp.Iterable[np.ndarray], batch_size: 
         n = len(batch)
         batch += [batch[-1]] * (batch_size - n)
         brain = torch.from_numpy(np.stack(batch)).to(device)
-        subject_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
+        subjects = torch.full((batch_size,), subject_idx, dtype=torch.long, device=device)
         with torch.no_grad():
-            images = model.reconstruct(brain, subject_idx, seed=seed)
+            images = model.reconstruct(brain, subjects, seed=seed)
         yield from images[:n]
 
 
@@ -116,10 +164,13 @@ def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.
     if not indices:
         return
     ds = cfg.data.build()
-    model, device = build_decoder(cfg, ds.n_voxels)
+    n_subjects, subject_idx = checkpoint_subjects(cfg.checkpoint, cfg.data.subject)
+    width = model_voxels(cfg.checkpoint, ds.n_voxels)
+    model, device = build_decoder(cfg, width, n_subjects)
     logger.info("generating %d image(s) on %s", len(indices), device)
-    windows = (ds.brain(i) for i in indices)
-    for img in reconstruct_in_batches(model, windows, cfg.batch_size, cfg.versatilediffusion_config.seed, device):
+    windows = (np.pad(ds.brain(i), ((0, width - ds.n_voxels), (0, 0))) for i in indices)  # zeros: as in training
+    seed = cfg.versatilediffusion_config.seed
+    for img in reconstruct_in_batches(model, windows, cfg.batch_size, seed, device, subject_idx):
         yield (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 

@@ -536,7 +536,8 @@ EVAL_KEYS = ("data.nsd_dataset_config.nsddata_path", "data.nsd_dataset_config.of
 
 
 def eval_command(cfg: TrainConfig, checkpoint: str | Path) -> str:
-    """The ``eval.py`` command line for a checkpoint of this run: the keys that differ from eval's defaults."""
+    """The ``eval.py`` command line(s) for a checkpoint of this run, one per subject: the keys that differ from
+    eval's defaults."""
     from dynadiff.config import EvalConfig
 
     def flat(tree: dict, prefix: str = "") -> dict:
@@ -552,9 +553,9 @@ def eval_command(cfg: TrainConfig, checkpoint: str | Path) -> str:
         if any(key == k or key.startswith(k + ".") for k in EVAL_KEYS) and default.get(key) != value:
             text = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
             args.append(f"{key}={text}")
-    if len(cfg.subjects) > 1:
-        return "(several subjects: eval.py evaluates single-subject checkpoints only, for now)"
-    return shlex.join(["python", "eval.py", "--subject", str(cfg.subjects[0]), "--checkpoint", str(checkpoint), *args])
+    # one line per subject (a model of several subjects is evaluated one subject at a time)
+    return "\n".join(shlex.join(["python", "eval.py", "--subject", str(s), "--checkpoint", str(checkpoint), *args])
+                     for s in cfg.subjects)
 
 
 # Keys that may change between an interrupted run and its continuation without changing its results.

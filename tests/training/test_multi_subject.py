@@ -73,3 +73,63 @@ def test_each_sample_goes_through_its_own_subject_layer(make_train_config, two_s
     assert weights.grad[0].abs().sum() > 0 and weights.grad[1].abs().sum() == 0
     opt.step()
     assert not torch.equal(weights[0], before[0]) and torch.equal(weights[1], before[1])
+
+
+def test_eval_reconstructs_each_subject_of_a_multi_subject_checkpoint_through_its_own_layer(
+        make_train_config, two_subject_nsd, tmp_path):
+    """A train.py checkpoint of subjects [2, 1] (layers 0, 1): eval.py's images of subject 1 are the model's
+    own reconstructions of its zero-padded windows through layer 1, not layer 0; subject 5 is a clear error."""
+    import shlex
+
+    from PIL import Image
+
+    from dynadiff.checkpoint import load_checkpoint
+    from dynadiff.config import NsdDatasetConfig
+    from dynadiff.evaluation import EvaluationError
+    from scripts import load_script
+
+    root, info = two_subject_nsd
+    cfg = make_train_config("data.subjects=[2,1]", "data.nsd_dataset_config.subject=2", nsd_root=root, sessions=(1,))
+    data = training.build_training_data(cfg)
+    model = training.init_model(cfg, data)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero: make the brain signal reach the images, strongly
+        for p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    checkpoint = training.save_training_checkpoint(tmp_path / "ckpt", model, None, [], None, None, cfg, 1, None,
+                                                   with_state=False)
+    assert checkpoint == tmp_path / "ckpt" / "model.safetensors"
+
+    commands = training.eval_command(cfg, checkpoint).splitlines()
+    assert [shlex.split(c)[3] for c in commands] == ["2", "1"]  # one command per subject
+    script = load_script("eval")
+    extra = ["--cache", str(tmp_path / "eval"), "--device", "cpu", "--limit", "2", "--batch-size", "2",
+             "--metrics", "pixcorr", "--no-blur-faces", "versatilediffusion_config.num_inference_steps=2"]
+    vd = cfg.versatilediffusion_config.model_copy(update={"num_inference_steps": 2})
+    fresh = vd.build(cfg.brain_modules_config, n_voxels=data.n_voxels, n_subjects=2)
+    load_checkpoint(fresh, checkpoint)
+    for subject, layer, command in ((2, 0, commands[0]), (1, 1, commands[1])):
+        result = script.build_config(script.parse_args(shlex.split(command)[2:] + extra)).run()
+        out = tmp_path / "eval" / f"reconstructions_subj{subject:02d}_unaveraged"
+        got = np.stack([np.asarray(Image.open(out / f"{i}.png")) for i in range(2)])
+        assert result["n_images"] == 2
+
+        # the same two images, computed here: the subject's test windows, zero-padded to the model's width
+        ds = NsdDatasetConfig(nsddata_path=root, subject=subject, sessions=[1], image_size=32,
+                              infra={"folder": tmp_path / "windows"}).build()
+        assert ds.n_voxels == info["n_voxels"][subject] <= data.n_voxels
+        brain = torch.zeros(2, data.n_voxels, ds.n_trs)
+        for i in range(2):
+            brain[i, :ds.n_voxels] = torch.from_numpy(ds.brain(i))
+
+        def images(layer: int) -> np.ndarray:
+            with torch.no_grad():
+                rec = fresh.reconstruct(brain, torch.full((2,), layer), seed=0)
+            return (rec.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+        np.testing.assert_array_equal(got, images(layer), err_msg=f"subject {subject}")
+        assert np.abs(got.astype(int) - images(1 - layer)).max() > 8  # the other layer draws other images
+    assert min(info["n_voxels"][s] for s in (1, 2)) < data.n_voxels  # one of them was padded
+
+    with pytest.raises(EvaluationError, match=r"trained on subject\(s\) \[2, 1\], not on subject 5"):
+        script.build_config(script.parse_args(["--subject", "5", "--checkpoint", str(checkpoint)] + extra)).run()
