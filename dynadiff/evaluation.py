@@ -68,53 +68,43 @@ def check_checkpoint(path: Path, subject: int) -> None:
             f"checkpoint {path} not found: put the published subj{subject:02d} folder there (see "
             "checkpoints/README.md), or pass --checkpoint PATH (a train.py output or a converted .safetensors)"
         )
-    checkpoint_subjects(path, subject)
+    checkpoint_layout(path, subject)
 
 
-def _trained_subjects(path: Path) -> list[int] | None:
-    """The subjects a train.py checkpoint was trained on (its metadata), else None."""
+def checkpoint_layout(path: Path, subject: int, n_voxels: int | None = None) -> tuple[int | None, int, int]:
+    """(input width of the brain module, number of subject layers, this subject's layer) of a checkpoint.
+
+    A train.py checkpoint names, in its metadata, the subjects it was trained on (in
+    layer order) and its input width: with several subjects, windows are zero-padded to
+    the largest voxel count. Any other checkpoint (the published ones) has one layer, for
+    its own subject, and the subject's own width ``n_voxels``. Without ``n_voxels``, only
+    the subject is checked.
+    """
     from dynadiff.checkpoint import read_metadata
 
     path = Path(path)
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return None
-    try:
-        subjects = json.loads(read_metadata(path).get("subjects", "null"))
-    except (OSError, ValueError):  # not readable as safetensors: the loader says why
-        return None
-    return [int(s) for s in subjects] if isinstance(subjects, list) else None
-
-
-def checkpoint_subjects(path: Path, subject: int) -> tuple[int, int]:
-    """(number of subject layers, this subject's layer) of a checkpoint.
-
-    A train.py checkpoint names the subjects it was trained on, in layer order; any
-    other checkpoint (the published ones) has one layer, for its own subject.
-    """
-    subjects = _trained_subjects(path)
-    if subjects is None:
-        return 1, 0
+    meta, subjects = {}, None
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            meta = read_metadata(path)
+            subjects = json.loads(meta.get("subjects", "null"))
+        except (OSError, ValueError):  # not readable as a safetensors checkpoint: the loader says why
+            pass
+    if not isinstance(subjects, list):
+        return n_voxels, 1, 0
+    subjects = [int(s) for s in subjects]
     if subject not in subjects:
         raise EvaluationError(
             f"checkpoint {path} was trained on subject(s) {subjects}, not on subject {subject}: evaluate one of "
             f"those (--subject), or pass the checkpoint of subject {subject}"
         )
-    return len(subjects), subjects.index(subject)
-
-
-def model_voxels(path: Path, n_voxels: int) -> int:
-    """Input width of the checkpoint's brain module: several subjects' windows are zero-padded to the largest
-    voxel count (train.py); otherwise the subject's own ``n_voxels``."""
-    from dynadiff.checkpoint import read_metadata
-
-    subjects = _trained_subjects(path)
-    if subjects is None or len(subjects) == 1:
-        return n_voxels
-    width = int(read_metadata(path)["n_voxels"])
+    if len(subjects) == 1 or n_voxels is None:
+        return n_voxels, len(subjects), subjects.index(subject)
+    width = int(meta["n_voxels"])
     if n_voxels > width:
         raise EvaluationError(f"this subject has {n_voxels} nsdgeneral voxels, more than the {width} inputs of "
                               f"checkpoint {path}: is the data the one it was trained on?")
-    return width
+    return width, len(subjects), subjects.index(subject)
 
 
 def build_decoder(cfg: ReconstructionConfig, n_voxels: int, n_subjects: int = 1):
@@ -164,8 +154,7 @@ def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.
     if not indices:
         return
     ds = cfg.data.build()
-    n_subjects, subject_idx = checkpoint_subjects(cfg.checkpoint, cfg.data.subject)
-    width = model_voxels(cfg.checkpoint, ds.n_voxels)
+    width, n_subjects, subject_idx = checkpoint_layout(cfg.checkpoint, cfg.data.subject, ds.n_voxels)
     model, device = build_decoder(cfg, width, n_subjects)
     logger.info("generating %d image(s) on %s", len(indices), device)
     windows = (np.pad(ds.brain(i), ((0, width - ds.n_voxels), (0, 0))) for i in indices)  # zeros: as in training
