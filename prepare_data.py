@@ -34,6 +34,7 @@ the same command again computes only what is missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -158,21 +159,6 @@ class _SubjectWindows:
     exception: BaseException | None = None  # an unexpected error, re-raised by the main thread
 
 
-_SUBMITIT_ENV_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_")
-_SUBMITIT_ENV_NAMES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-def _drop_cluster_env() -> None:
-    """Remove what ``submitit.helpers.clean_env`` hides at each submission (exca enters it per map call).
-
-    clean_env pops from ``os.environ``: concurrent submissions could pop the same name twice; with the
-    names gone beforehand, they pop nothing. sbatch never saw them anyway.
-    """
-    for name in list(os.environ):
-        if name.startswith(_SUBMITIT_ENV_PREFIXES) or name in _SUBMITIT_ENV_NAMES:
-            os.environ.pop(name, None)
-
-
 def plan_windows(args: argparse.Namespace, subjects: list[int], splits: tuple[str, ...],
                  sessions: list[int] | None) -> list[_SubjectWindows]:
     """Per subject: the config and the items of every split. Raises NsdDataError for missing files."""
@@ -213,6 +199,8 @@ def _run_subject(plan: _SubjectWindows) -> None:
 
 def prepare_windows(plans: list[_SubjectWindows]) -> int:
     """Fill the windows cache of every subject concurrently (one thread, so one exca map, per subject)."""
+    import submitit
+
     from dynadiff import jobs
 
     infra0 = plans[0].cfg.infra
@@ -229,8 +217,6 @@ def prepare_windows(plans: list[_SubjectWindows]) -> int:
             return 1
         if todo:
             to_compute.append(plan)
-    if to_compute and infra0.cluster not in (None, "threadpool", "processpool"):
-        _drop_cluster_env()
     if to_compute:
         where = "in this process" if infra0.cluster is None else f"as jobs on cluster {infra0.cluster!r}"
         logger.info("computing the windows of subject(s) %s %s (cache %s)", [p.subject for p in to_compute], where,
@@ -238,10 +224,15 @@ def prepare_windows(plans: list[_SubjectWindows]) -> int:
     start = time.monotonic()
     threads = [threading.Thread(target=_run_subject, args=(plan,), name=f"windows-subj{plan.subject:02d}", daemon=True)
                for plan in to_compute]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # exca hides the SLURM_* (and similar) variables at each submission with submitit's clean_env, which pops them
+    # from os.environ: threads submitting at once could pop the same one twice. Hidden here once, for all of them,
+    # the threads' clean_env find nothing to pop.
+    submitting = to_compute and infra0.cluster not in (None, "threadpool", "processpool")
+    with submitit.helpers.clean_env() if submitting else contextlib.nullcontext():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     for plan in plans:
         if plan.exception is not None:
             raise plan.exception
@@ -306,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if splits:  # a bad YAML or value fails now, before any download
         try:
-            if args.infra_yaml is not None:
+            if args.infra_yaml is not None:  # checked before --cache is created: a bad YAML writes nothing
                 from dynadiff.infra import load_infra_yaml
 
                 load_infra_yaml(args.infra_yaml)
