@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging
+from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging, value_overrides
 
 logger = logging.getLogger("dynadiff.eval")
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "config.yaml"
@@ -43,28 +43,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+# options that set one config key to their value
+FLAG_KEYS = {"subject": "data.nsd_dataset_config.subject", "seed": "data.nsd_dataset_config.seed",
+             "vd_cache_dir": "versatilediffusion_config.vd_cache_dir", "checkpoint": "checkpoint", "device": "device",
+             "batch_size": "batch_size", "limit": "limit"}
+
+
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    out = []
-    if args.subject is not None:
-        out.append(f"data.nsd_dataset_config.subject={args.subject}")
+    out = value_overrides(args, FLAG_KEYS)
     if args.averaged_trial:
         out.append("data.nsd_dataset_config.averaged=true")
     if args.cache is not None:
         out += [f"{k}={args.cache}" for k in ("data.nsd_dataset_config.infra.folder", "infra.folder", "image_generation.folder")]
-    if args.seed is not None:
-        out.append(f"data.nsd_dataset_config.seed={args.seed}")
-    if args.vd_cache_dir is not None:
-        out.append(f"versatilediffusion_config.vd_cache_dir={args.vd_cache_dir}")
     if args.compute_miou:
         out.append("compute_miou=true")
-    if args.checkpoint is not None:
-        out.append(f"checkpoint={args.checkpoint}")
-    if args.device is not None:
-        out.append(f"device={args.device}")
-    if args.batch_size is not None:
-        out.append(f"batch_size={args.batch_size}")
-    if args.limit is not None:
-        out.append(f"limit={args.limit}")
     if args.no_blur_faces:
         out.append("blur_faces=false")
     if args.metrics is not None:

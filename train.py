@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging
+from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging, value_overrides
 
 logger = logging.getLogger("dynadiff.train")
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "train.yaml"
@@ -50,28 +50,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # KEY=VALUE overrides may come between flags
 
 
+# options that set one config key to their value
+FLAG_KEYS = {"output": "output_dir", "vd_cache_dir": "versatilediffusion_config.vd_cache_dir", "device": "device",
+             "steps": "steps", "batch_size": "batch_size"}
+
+
 def flag_overrides(args: argparse.Namespace) -> list[str]:
-    out = []
+    out = value_overrides(args, FLAG_KEYS)
     if args.subject is not None:
         out += ["data.subjects=null", f"data.nsd_dataset_config.subject={args.subject}"]
     if args.subjects is not None:
         out += [f"data.subjects=[{','.join(map(str, args.subjects))}]", f"data.nsd_dataset_config.subject={args.subjects[0]}"]
-    if args.output is not None:
-        out.append(f"output_dir={args.output}")
     if args.resume:
         out.append("resume=true")
     if args.cache is not None:
         out.append(f"data.nsd_dataset_config.infra.folder={args.cache}")
         if args.infra_yaml is not None:  # the training job's exca folder (submitit logs, cached result)
             out.append(f"infra.folder={args.cache}")
-    if args.vd_cache_dir is not None:
-        out.append(f"versatilediffusion_config.vd_cache_dir={args.vd_cache_dir}")
-    if args.device is not None:
-        out.append(f"device={args.device}")
-    if args.steps is not None:
-        out.append(f"steps={args.steps}")
-    if args.batch_size is not None:
-        out.append(f"batch_size={args.batch_size}")
     return out
 
 

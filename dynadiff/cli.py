@@ -116,6 +116,12 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
+def value_overrides(args, keys: tp.Mapping[str, str]) -> list[str]:
+    """``KEY=VALUE`` for each command-line option that was given: ``keys`` maps argparse destinations to config
+    keys (options left out are ``None``)."""
+    return [f"{key}={getattr(args, dest)}" for dest, key in keys.items() if getattr(args, dest) is not None]
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
