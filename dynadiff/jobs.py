@@ -189,6 +189,10 @@ def failure_report(infra, what: str, before: set[str], items: tp.Sequence | None
         shown = ", ".join(str(m) for m in missing[:_SHOWN_ITEMS]) + (", ..." if len(missing) > _SHOWN_ITEMS else "")
         lines.append(f"{len(missing)} of {len(items)} {noun}(s) missing ({shown}); the {len(items) - len(missing)} "
                      f"others are cached in {infra.uid_folder()}")
+    if any(o.state == "TIMEOUT" for o in failed):
+        more_jobs = ", or split it over more jobs (max_jobs)" if items is not None else ""
+        lines.append(f"A job reached its time limit: give this step more time (its timeout_min in the infra "
+                     f"YAML){more_jobs}.")
     reraise = any(o.state == "FAILED" for o in failed)
     lines.append("Run the same command again to compute only what is missing"
                  + (" (a job whose code raised will raise again: read its log first)." if reraise else "."))

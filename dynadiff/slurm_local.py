@@ -121,6 +121,7 @@ class LocalSlurm:
     cpus: int = 16  # claimed by the node (may exceed the machine's: SlurmdParameters=config_overrides)
     node: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
     kill_wait: int = 5  # s between a cancelled job's SIGTERM (which submitit ignores) and its SIGKILL
+    slurmd_debug: str = "info"  # slurmd's log level (``debug`` also logs each job's end on the node)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).absolute()
@@ -225,6 +226,7 @@ class LocalSlurm:
             f"SlurmdPidFile={r / 'pids' / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+            f"SlurmdDebug={self.slurmd_debug}",
             "ProctrackType=proctrack/pgid",  # linuxproc loses a batch script's child that outlives the script
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -307,6 +309,54 @@ class LocalSlurm:
 
     def running(self) -> bool:
         return any(pid_alive(pid, reap=True) for pid in self._started_pids().values())
+
+    # -- failures ------------------------------------------------------------
+    def fail_node(self, timeout: float = 60.0) -> list[str]:
+        """Set the node DOWN, as when it fails: SLURM kills the jobs running on it and requeues them
+        (PENDING until the node is back, then held back a few minutes). Returns the requeued jobs' ids
+        once their processes have ended on the node and slurmd is done with them: a job started again
+        before that is refused ("already running") and the node drained. Needs ``slurmd_debug="debug"``
+        (slurmd logs a job's end at that level only)."""
+        if self.slurmd_debug != "debug":
+            raise SlurmSetupError('fail_node needs LocalSlurm(slurmd_debug="debug")')
+        log = self.log_dir / "slurmd.log"
+        offset = log.stat().st_size if log.exists() else 0
+        running = [j for j in self.jobs() if j["state"] == "RUNNING"]
+        raw = self.raw_ids([j["id"] for j in running])
+        self._scontrol("update", f"NodeName={self.node}", "State=DOWN", "Reason=simulated-failure")
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                since = f.read().decode(errors="replace")
+            if all(f"JobId={raw[j['id']]}: sent epilog complete msg" in since for j in running):
+                return [j["id"] for j in running]
+            if time.monotonic() > deadline:
+                raise SlurmSetupError(f"jobs {[j['id'] for j in running]} did not end {timeout:.0f} s after the "
+                                      f"node went down: see {log}")
+            time.sleep(0.1)
+
+    def restore_node(self, start_now: bool = True) -> None:
+        """Bring the node back after :meth:`fail_node`; with ``start_now``, the requeued jobs start at once
+        instead of after SLURM's requeue delay."""
+        self._scontrol("update", f"NodeName={self.node}", "State=IDLE")
+        if start_now:
+            for job in self.jobs():
+                if job["state"] == "PENDING":
+                    self._scontrol("update", f"JobId={job['id']}", "StartTime=now")
+
+    def raw_ids(self, job_ids: list[str]) -> dict[str, str]:
+        """Each job's own id (an array task ``5_1`` has one of its own, e.g. ``6``)."""
+        if not job_ids:
+            return {}
+        res = subprocess.run([find_program("squeue"), "-h", "-t", "all", "-o", "%i|%A", "-j", ",".join(job_ids)],
+                             env=self.env(), capture_output=True, text=True, check=True)
+        return dict(line.split("|") for line in res.stdout.splitlines() if line.strip())
+
+    def _scontrol(self, *args: str) -> None:
+        res = subprocess.run([find_program("scontrol"), *args], env=self.env(), capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SlurmSetupError(f"scontrol {' '.join(args)}: {res.stderr.strip()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the daemons this folder's ``start`` started (by their recorded ids); jobs still running die too."""

@@ -41,14 +41,15 @@ def slurm_available() -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(slurm_available, tmp_path_factory):
-    """The running cluster (a cancelled job dies 1 s after ``scancel``). Its client commands and ``sacct`` stand-in are on ``cluster.env()``'s PATH
-    (not this process's: give that environment to what should submit to it)."""
+    """The running cluster: a cancelled job dies 1 s after ``scancel``; slurmd logs at debug level (for
+    ``fail_node``). Its client commands and ``sacct`` stand-in are on ``cluster.env()``'s PATH (not this
+    process's: give that environment to what should submit to it)."""
     root, temporary = tmp_path_factory.mktemp("slurm"), False
     try:
-        cluster = LocalSlurm(root, cpus=8, kill_wait=1)
+        cluster = LocalSlurm(root, cpus=8, kill_wait=1, slurmd_debug="debug")
     except SlurmSetupError:  # a long basetemp: the sockets need a short path
         root, temporary = Path(tempfile.mkdtemp(prefix="dslurm-", dir="/tmp")), True
-        cluster = LocalSlurm(root, cpus=8, kill_wait=1)
+        cluster = LocalSlurm(root, cpus=8, kill_wait=1, slurmd_debug="debug")
     cluster.start()
     try:
         yield cluster

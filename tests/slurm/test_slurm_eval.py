@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -196,3 +197,98 @@ def test_resources_the_cluster_refuses_are_one_clear_error(tiny, slurm_run, slur
     assert "Invalid generic resource (gres) specification" in proc.stderr
     assert "gpus_per_node" in proc.stderr and "Traceback" not in proc.stderr
     assert not _new_jobs(slurm_cluster, before, "")
+
+
+def _job_log(cache: Path, job_id: str) -> Path | None:
+    logs = list(cache.glob(f"dynadiff.config.ReconstructionConfig.generate,1/*/logs/*/{job_id}/{job_id}_0_log.err"))
+    return logs[0] if logs else None
+
+
+def _wait_for_generation_task(proc, cluster, before: set[str], cache: Path | None = None) -> str:
+    """A generation array task that runs (and, with ``cache``, has started generating), as ``<array>_<i>``."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "no generation task ran"
+        for j in _new_jobs(cluster, before, "ReconstructionConfig"):
+            if j["state"] != "RUNNING":
+                continue
+            log = _job_log(cache, j["id"]) if cache is not None else None
+            if cache is None or (log is not None and "generating" in log.read_text()):
+                return j["id"]
+        time.sleep(0.05)
+
+
+def _stop_processes(cluster, job_id: str) -> None:
+    """SIGSTOP the processes of a running job behind SLURM's back (``scancel --signal=STOP`` would make its
+    state STOPPED, which submitit takes for finished): to SLURM it still runs."""
+    raw = cluster.raw_ids([job_id])[job_id]  # an array task's own job id
+    res = subprocess.run(["scontrol", "listpids", raw], env=cluster.env(), capture_output=True, text=True, check=True)
+    pids = [int(line.split()[0]) for line in res.stdout.splitlines()[1:] if line.strip()]
+    assert pids, res.stdout
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+
+
+SLOW = ["versatilediffusion_config.num_inference_steps=40"]  # jobs that run for seconds: time to act on one
+
+
+def test_timed_out_job_is_reported_with_what_to_change(tiny, slurm_run, slurm_cluster):
+    """A generation task outlives its 1-minute limit (stopped by SIGSTOP: a job too slow for its limit):
+    SLURM kills it (TIMEOUT, about a minute later), the other task's images are kept, and the report
+    says which YAML keys to change."""
+    cache = slurm_run["cache"]
+    yaml_path = tiny["root"] / "timeout.yaml"
+    yaml_path.write_text(INFRA_YAML.replace("timeout_min: 10\ntrain", "timeout_min: 1\ntrain"))
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    cmd = _eval_cmd(tiny, cache, "versatilediffusion_config.seed=13", *SLOW, infra=False)
+    proc = subprocess.Popen(cmd + ["--infra-yaml", str(yaml_path)], env=_env(slurm_cluster), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _wait_for_generation_task(proc, slurm_cluster, before, cache)
+        _stop_processes(slurm_cluster, victim)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err[-3000:]
+    assert "image generation: 1 of 2 cluster job(s) failed (on slurm)" in err, err[-3000:]
+    assert f"job {victim}: TIMEOUT\n" in err, err[-3000:]
+    assert "give this step more time (its timeout_min in the infra YAML), or split it over more jobs" in err
+    assert "will raise again" not in err  # not a bug in the code: no advice to read the log first
+    found = re.search(rf"(\d+) of {N_IMAGES} test image\(s\) missing", err)
+    assert found and 0 < int(found.group(1)) < N_IMAGES, err[-3000:]  # the other task's images are kept
+
+
+def test_node_failure_requeues_the_jobs_and_the_run_completes(tiny, slurm_run, slurm_cluster):
+    """The node goes DOWN while the generation tasks run: SLURM requeues them, they run again once the node
+    is back, and eval.py, which waited, ends with the images of a local run."""
+    seed = ["versatilediffusion_config.seed=17", *SLOW]
+    local = _run(_eval_cmd(tiny, tiny["root"] / "local", *seed, infra=False))
+    assert local.returncode == 0, local.stderr[-3000:]
+    cache = slurm_run["cache"]
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    proc = subprocess.Popen(_eval_cmd(tiny, cache, *seed), env=_env(slurm_cluster), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _wait_for_generation_task(proc, slurm_cluster, before, cache)  # its code runs
+        try:
+            requeued = slurm_cluster.fail_node()
+        finally:
+            slurm_cluster.restore_node()  # and start the requeued jobs now, not in a few minutes
+        assert victim in requeued
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    log = _job_log(cache, victim)
+    assert "DUE TO NODE FAILURE" in log.read_text()
+    assert log.with_name(log.name.replace(".err", ".out")).read_text().count("Starting with JobEnvironment") == 2
+    tasks = _new_jobs(slurm_cluster, before, "ReconstructionConfig")
+    assert len(tasks) == 2 and all(j["state"] == "COMPLETED" for j in tasks)
+    out = tiny["root"] / "local" / "reconstructions_subj01_unaveraged"
+    for i, img in enumerate(_images(cache)):
+        np.testing.assert_array_equal(img, np.asarray(Image.open(out / f"{i}.png")),
+                                      err_msg=f"image {i}: differs from the local run's after the requeue")
