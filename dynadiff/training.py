@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
 import time
@@ -506,9 +507,22 @@ def init_model(cfg: TrainConfig, data: TrainingData, device: torch.device | str 
             n_timepoints=data.n_timepoints, device=device)
 
 
+def slurm_restarts() -> int:
+    """How many times SLURM has requeued the job this process runs in (after a node failure, a preemption,
+    ``scontrol requeue``): ``SLURM_RESTART_COUNT``, which SLURM sets in a restarted job; 0 elsewhere."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
 def _check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
     last = complete_checkpoint_dir(out / "checkpoints" / "last")
-    if not cfg.resume:
+    restarts = slurm_restarts()
+    if restarts and not cfg.resume:  # the same command again, by SLURM: the run it started goes on
+        logger.warning("SLURM requeued this job (restart %d): continuing the run in %s as with --resume",
+                       restarts, out)
+    if not cfg.resume and not restarts:
         if last is not None:
             raise TrainingError(
                 f"{out} already holds a training run (checkpoint {last}): pass --resume to continue it, "

@@ -148,3 +148,41 @@ def test_cancelled_training_job_is_reported_and_resumes_exactly(setup, local_run
     assert summary["steps"] == STEPS and summary["resumed_from"] is not None and summary["resumed_from"] >= stopped_at
     assert sorted(j["state"] for j in _training_jobs(slurm_cluster, before)) == ["CANCELLED", "COMPLETED"]
     _assert_same_weights(run, local_run)
+
+
+def test_training_job_requeued_after_a_node_failure_continues_from_its_checkpoint(setup, local_run, slurm_cluster):
+    """The node fails after a checkpoint: SLURM requeues the job, which runs train.py's job again; it
+    continues from the checkpoint (SLURM_RESTART_COUNT), and train.py ends with the uninterrupted run's weights."""
+    run = setup["root"] / "requeued"
+    checkpoint = run / "checkpoints" / "last" / "state.safetensors"
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    proc = subprocess.Popen(_train_cmd(setup, "requeued"), env=_env(slurm_cluster), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
+        (job,) = _training_jobs(slurm_cluster, before, timeout=0)
+        try:
+            requeued = slurm_cluster.fail_node()
+        finally:
+            slurm_cluster.restore_node()
+        assert requeued == [job["id"]]
+        from dynadiff.training import read_resume_state
+
+        stopped_at = read_resume_state(run / "checkpoints" / "last").step
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert 0 < stopped_at < STEPS
+    summary = _summary(out)
+    assert summary["steps"] == STEPS and summary["resumed_from"] is not None and summary["resumed_from"] >= stopped_at
+    assert [j["state"] for j in _training_jobs(slurm_cluster, before)] == ["COMPLETED"]  # one job, run twice
+    log = next((setup["root"] / "cache_requeued").glob(f"dynadiff.config.TrainConfig.run,1/logs/*/{job['id']}"))
+    text = (log / f"{job['id']}_0_log.err").read_text()
+    assert "DUE TO NODE FAILURE" in text and "SLURM requeued this job (restart 1)" in text
+    _assert_same_weights(run, local_run)

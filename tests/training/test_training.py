@@ -140,9 +140,11 @@ def _log_rows(path):
         return [(r["step"], r["split"], r["loss"], r["lr"], r["grad_norm"]) for r in csv.DictReader(f)]
 
 
-def test_resume_continues_exactly(make_train_config, tmp_path, monkeypatch):
-    """Interrupted during step 5 (after the checkpoint of step 4), then resumed: the same
-    weights, optimizer moments and logged losses at step 6 as the uninterrupted run."""
+@pytest.mark.parametrize("requeued", [False, True], ids=["--resume", "requeued-by-slurm"])
+def test_resume_continues_exactly(make_train_config, tmp_path, monkeypatch, requeued):
+    """Interrupted during step 5 (after the checkpoint of step 4), then resumed (with ``resume=true``, or
+    as a job SLURM requeued: ``SLURM_RESTART_COUNT`` > 0): the same weights, optimizer moments and
+    logged losses at step 6 as the uninterrupted run."""
     common = ("steps=6", "grad_accumulation=2", "checkpoint_every=2", "val_every=3", "brain_modules_config.dropout=0.5")
     full = train(make_train_config(*common, out=tmp_path / "full"))
     assert full["steps"] == 6 and full["resumed_from"] is None
@@ -166,9 +168,19 @@ def test_resume_continues_exactly(make_train_config, tmp_path, monkeypatch):
 
     with pytest.raises(TrainingError, match="pass --resume"):
         train(make_train_config(*common, out=out))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a SLURM job's first run: the same refusal
+    with pytest.raises(TrainingError, match="pass --resume"):
+        train(make_train_config(*common, out=out))
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
     with pytest.raises(TrainingError, match=r"differs from the checkpoint's in \['optim.lr'\]"):
         train(make_train_config(*common, "resume=true", "optim.lr=0.01", out=out))
-    resumed = train(make_train_config(*common, "resume=true", out=out))
+    if requeued:  # the same command, run again by SLURM in the requeued job: it resumes
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        with pytest.raises(TrainingError, match=r"differs from the checkpoint's in \['optim.lr'\]"):
+            train(make_train_config(*common, "optim.lr=0.01", out=out))
+        resumed = train(make_train_config(*common, out=out))
+    else:
+        resumed = train(make_train_config(*common, "resume=true", out=out))
     assert resumed["resumed_from"] == 4
 
     for name in ("model.safetensors", "state.safetensors"):
