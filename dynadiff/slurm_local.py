@@ -336,14 +336,13 @@ class LocalSlurm:
                                       f"node went down: see {log}")
             time.sleep(0.1)
 
-    def restore_node(self, start_now: bool = True) -> None:
-        """Bring the node back after :meth:`fail_node`; with ``start_now``, the requeued jobs start at once
-        instead of after SLURM's requeue delay."""
+    def restore_node(self) -> None:
+        """Bring the node back after :meth:`fail_node`, and start the requeued jobs at once instead of after
+        SLURM's requeue delay (a few minutes)."""
         self._scontrol("update", f"NodeName={self.node}", "State=IDLE")
-        if start_now:
-            for job in self.jobs():
-                if job["state"] == "PENDING":
-                    self._scontrol("update", f"JobId={job['id']}", "StartTime=now")
+        for job in self.jobs():
+            if job["state"] == "PENDING":
+                self._scontrol("update", f"JobId={job['id']}", "StartTime=now")
 
     def raw_ids(self, job_ids: list[str]) -> dict[str, str]:
         """Each job's own id (an array task ``5_1`` has one of its own, e.g. ``6``)."""

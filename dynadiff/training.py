@@ -518,11 +518,12 @@ def slurm_restarts() -> int:
 
 def _check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
     last = complete_checkpoint_dir(out / "checkpoints" / "last")
-    restarts = slurm_restarts()
-    if restarts and not cfg.resume:  # the same command again, by SLURM: the run it started goes on
+    resume = cfg.resume
+    if not resume and (restarts := slurm_restarts()):  # the same command again, by SLURM: its run goes on
         logger.warning("SLURM requeued this job (restart %d): continuing the run in %s as with --resume",
                        restarts, out)
-    if not cfg.resume and not restarts:
+        resume = True
+    if not resume:
         if last is not None:
             raise TrainingError(
                 f"{out} already holds a training run (checkpoint {last}): pass --resume to continue it, "

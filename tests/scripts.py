@@ -1,4 +1,5 @@
-"""The entry-point scripts (eval.py, train.py, prepare_data.py, demo.py) imported as modules, for the tests.
+"""The entry-point scripts (eval.py, train.py, prepare_data.py, demo.py) imported as modules, or run in the
+background, for the tests.
 
 ``tests/`` is on ``sys.path`` (pytest puts the folder of the root conftest.py there): ``from scripts import
 load_script`` works from every test folder.
@@ -6,9 +7,12 @@ load_script`` works from every test folder.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import subprocess
 import sys
 import types
+import typing as tp
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,3 +26,16 @@ def load_script(name: str) -> types.ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], env: dict) -> tp.Iterator[subprocess.Popen]:
+    """``cmd`` running in the background (stdout and stderr piped, as text); killed when the block is left
+    while it still runs (a failed assertion must not leave it behind)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

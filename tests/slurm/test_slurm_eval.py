@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scripts import started
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 4
@@ -143,9 +144,7 @@ def test_killed_job_keeps_the_others_images_and_the_rerun_fills_in_the_rest(tiny
     cache = slurm_run["cache"]  # windows already cached: only generation runs
     seed = ["versatilediffusion_config.seed=7"]  # new images, same data
     before = {j["id"] for j in slurm_cluster.jobs()}
-    proc = subprocess.Popen(_eval_cmd(tiny, cache, *seed), env=_env(slurm_cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with started(_eval_cmd(tiny, cache, *seed), _env(slurm_cluster)) as proc:
         deadline = time.monotonic() + 120
         while not (tasks := _new_jobs(slurm_cluster, before, "ReconstructionConfig")):
             assert proc.poll() is None and time.monotonic() < deadline, "no generation job was submitted"
@@ -153,10 +152,6 @@ def test_killed_job_keeps_the_others_images_and_the_rerun_fills_in_the_rest(tiny
         victim = f"{tasks[0]['array']}_1"
         subprocess.run(["scancel", victim], env=slurm_cluster.env(), check=True)
         _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 1, err[-3000:]
     assert "image generation: 1 of 2 cluster job(s) failed (on slurm)" in err, err[-3000:]
     assert f"job {victim}: CANCELLED" in err
@@ -204,16 +199,14 @@ def _job_log(cache: Path, job_id: str) -> Path | None:
     return logs[0] if logs else None
 
 
-def _wait_for_generation_task(proc, cluster, before: set[str], cache: Path | None = None) -> str:
-    """A generation array task that runs (and, with ``cache``, has started generating), as ``<array>_<i>``."""
+def _wait_for_generation_task(proc, cluster, before: set[str], cache: Path) -> str:
+    """A generation array task that runs and has started generating (its log says so), as ``<array>_<i>``."""
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, "no generation task ran"
         for j in _new_jobs(cluster, before, "ReconstructionConfig"):
-            if j["state"] != "RUNNING":
-                continue
-            log = _job_log(cache, j["id"]) if cache is not None else None
-            if cache is None or (log is not None and "generating" in log.read_text()):
+            log = _job_log(cache, j["id"]) if j["state"] == "RUNNING" else None
+            if log is not None and "generating" in log.read_text():
                 return j["id"]
         time.sleep(0.05)
 
@@ -241,16 +234,10 @@ def test_timed_out_job_is_reported_with_what_to_change(tiny, slurm_run, slurm_cl
     yaml_path.write_text(INFRA_YAML.replace("timeout_min: 10\ntrain", "timeout_min: 1\ntrain"))
     before = {j["id"] for j in slurm_cluster.jobs()}
     cmd = _eval_cmd(tiny, cache, "versatilediffusion_config.seed=13", *SLOW, infra=False)
-    proc = subprocess.Popen(cmd + ["--infra-yaml", str(yaml_path)], env=_env(slurm_cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with started(cmd + ["--infra-yaml", str(yaml_path)], _env(slurm_cluster)) as proc:
         victim = _wait_for_generation_task(proc, slurm_cluster, before, cache)
         _stop_processes(slurm_cluster, victim)
         _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 1, err[-3000:]
     assert "image generation: 1 of 2 cluster job(s) failed (on slurm)" in err, err[-3000:]
     assert f"job {victim}: TIMEOUT\n" in err, err[-3000:]
@@ -268,9 +255,7 @@ def test_node_failure_requeues_the_jobs_and_the_run_completes(tiny, slurm_run, s
     assert local.returncode == 0, local.stderr[-3000:]
     cache = slurm_run["cache"]
     before = {j["id"] for j in slurm_cluster.jobs()}
-    proc = subprocess.Popen(_eval_cmd(tiny, cache, *seed), env=_env(slurm_cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with started(_eval_cmd(tiny, cache, *seed), _env(slurm_cluster)) as proc:
         victim = _wait_for_generation_task(proc, slurm_cluster, before, cache)  # its code runs
         try:
             requeued = slurm_cluster.fail_node()
@@ -278,10 +263,6 @@ def test_node_failure_requeues_the_jobs_and_the_run_completes(tiny, slurm_run, s
             slurm_cluster.restore_node()  # and start the requeued jobs now, not in a few minutes
         assert victim in requeued
         _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     log = _job_log(cache, victim)
     assert "DUE TO NODE FAILURE" in log.read_text()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import started
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 120  # a few seconds: the cancelled job (killed 1 s after scancel) cannot finish first
@@ -89,6 +90,17 @@ def _training_jobs(cluster, before: set[str], timeout: float = 30) -> list[dict]
         time.sleep(0.1)
 
 
+def _job_past_a_checkpoint(proc, run: Path, cluster, before: set[str]) -> dict:
+    """The training job of ``proc`` (submitted since ``before``), once it has saved a checkpoint in ``run``."""
+    checkpoint = run / "checkpoints" / "last" / "state.safetensors"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    (job,) = _training_jobs(cluster, before, timeout=0)
+    return job
+
+
 @pytest.fixture(scope="module")
 def local_run(setup):
     proc = subprocess.run(_train_cmd(setup, "local", infra=False), env=_env(), capture_output=True, text=True,
@@ -115,22 +127,11 @@ def test_training_runs_as_one_slurm_job_with_the_local_run_weights(setup, local_
 
 def test_cancelled_training_job_is_reported_and_resumes_exactly(setup, local_run, slurm_cluster):
     run = setup["root"] / "cancelled"
-    checkpoint = run / "checkpoints" / "last" / "state.safetensors"
     before = {j["id"] for j in slurm_cluster.jobs()}
-    proc = subprocess.Popen(_train_cmd(setup, "cancelled"), env=_env(slurm_cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not checkpoint.exists():  # the job has saved a checkpoint: cancel it mid-run
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.05)
-        (job,) = _training_jobs(slurm_cluster, before, timeout=0)
+    with started(_train_cmd(setup, "cancelled"), _env(slurm_cluster)) as proc:
+        job = _job_past_a_checkpoint(proc, run, slurm_cluster, before)  # cancel it mid-run
         subprocess.run(["scancel", job["id"]], env=slurm_cluster.env(), check=True)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 1, err[-3000:]
     assert f"job {job['id']}: CANCELLED" in err, err[-3000:]
     assert "add --resume" in err and "Traceback" not in err
@@ -154,16 +155,9 @@ def test_training_job_requeued_after_a_node_failure_continues_from_its_checkpoin
     """The node fails after a checkpoint: SLURM requeues the job, which runs train.py's job again; it
     continues from the checkpoint (SLURM_RESTART_COUNT), and train.py ends with the uninterrupted run's weights."""
     run = setup["root"] / "requeued"
-    checkpoint = run / "checkpoints" / "last" / "state.safetensors"
     before = {j["id"] for j in slurm_cluster.jobs()}
-    proc = subprocess.Popen(_train_cmd(setup, "requeued"), env=_env(slurm_cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not checkpoint.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.05)
-        (job,) = _training_jobs(slurm_cluster, before, timeout=0)
+    with started(_train_cmd(setup, "requeued"), _env(slurm_cluster)) as proc:
+        job = _job_past_a_checkpoint(proc, run, slurm_cluster, before)
         try:
             requeued = slurm_cluster.fail_node()
         finally:
@@ -173,10 +167,6 @@ def test_training_job_requeued_after_a_node_failure_continues_from_its_checkpoin
 
         stopped_at = read_resume_state(run / "checkpoints" / "last").step
         out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     assert 0 < stopped_at < STEPS
     summary = _summary(out)
