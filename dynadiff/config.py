@@ -13,13 +13,17 @@ import exca
 import numpy as np
 import pydantic
 
-from dynadiff.cli import setup_job_logging
+from dynadiff.cli import check_device_name, setup_job_logging
 from dynadiff.data import nsd
 from dynadiff.data.nsd import SUBJECTS
 
 
 class StrictModel(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# auto, cpu, cuda, cuda:N or mps: a typo (``--device tpu``) is a config error before any work
+Device = tp.Annotated[str, pydantic.AfterValidator(check_device_name)]
 
 
 class NsdDatasetConfig(StrictModel):
@@ -141,7 +145,7 @@ class ReconstructionConfig(StrictModel):
     checkpoint: Path = Path("./checkpoints/subj01")
     checkpoint_digest: str = ""
     allow_missing_keys: bool = False
-    device: str = "auto"
+    device: Device = "auto"
     batch_size: int = pydantic.Field(4, ge=1)
     infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
 
@@ -169,7 +173,7 @@ class EvalConfig(StrictModel):
     checkpoint: Path | None = None  # None: ./checkpoints/subjXX
     checkpoint_digest: str = ""  # set by eval.py from the files: a changed checkpoint is a new run
     allow_missing_keys: bool = False
-    device: str = "auto"
+    device: Device = "auto"
     batch_size: int = pydantic.Field(4, ge=1)
     limit: int | None = pydantic.Field(None, ge=1)
     blur_faces: bool = True
@@ -330,7 +334,7 @@ class TrainConfig(StrictModel):
     grad_accumulation: int = pydantic.Field(1, ge=1)  # micro-batches per optimizer step
     mixed_precision: tp.Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
     cpu_threads: int | None = pydantic.Field(None, ge=1)  # torch threads on CPU (None: torch's default)
     log_every: int = pydantic.Field(50, ge=1)  # steps between train-loss rows of log.csv
     val_every: int = pydantic.Field(1000, ge=0)  # steps between validations (0: at the end only)
