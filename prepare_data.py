@@ -13,6 +13,11 @@ subjects (resumable: run the same command again after an interruption);
 (``{cache}/dynadiff.config.NsdDatasetConfig.run_windows,1/...``) that eval.py
 and train.py read, for every chosen subject at once.
 
+``--path`` is checked before anything is written: ``--synthetic`` writes only
+into an empty or new folder, or one it wrote before (its ``.dynadiff-synthetic``
+file), which it then empties first; a download needs a folder it can write to,
+not a synthetic one; ``--skip-download`` needs an existing folder.
+
 ``--images`` chooses the PNGs: ``subjects`` (default: every image one of the
 chosen subjects saw, which covers their training and test images), ``test``
 (the 1000 shared test images only, enough for evaluation) or ``all`` (the 73000).
@@ -22,7 +27,10 @@ chosen subjects saw, which covers their training and test images), ``test``
 The data config is config/config.yaml's ``data.nsd_dataset_config`` with
 ``--path``, the subject and ``--sessions``, so its cache is the one eval.py and
 train.py use with the same ``--cache`` and ``nsddata_path`` (given the same
-way, e.g. both relative to the same directory). Without ``--infra-yaml`` the
+way, e.g. both relative to the same directory); the cache key of a run's
+windows holds the size and modification time of its files, so windows of data
+that was since rewritten (e.g. by ``--synthetic``) are computed again. Without
+``--infra-yaml`` the
 windows are computed in this process (one thread per subject); with it, as
 exca jobs with the resources of its ``task_infra_data`` section (e.g. one SLURM
 job array per subject, all subjects submitted at once). ``--cache`` wins over
@@ -156,6 +164,7 @@ class _SubjectWindows:
     items: list  # RunEvents of every split, in split order
     per_split: dict  # split -> (runs, events)
     error: str = ""  # what failed, for the user
+    data_error: bool = False  # the failure is the data's (a file to fix), not a job's
     exception: BaseException | None = None  # an unexpected error, re-raised by the main thread
 
 
@@ -192,7 +201,7 @@ def _run_subject(plan: _SubjectWindows) -> None:
         plan.error = jobs.failure_report(infra, f"subject {plan.subject}: data preparation (fMRI windows)", before,
                                          shown, error=e, noun="run item")
     except NsdDataError as e:  # computed in this process (cluster null)
-        plan.error = f"subject {plan.subject}: {e}"
+        plan.error, plan.data_error = f"subject {plan.subject}: {e}", True
     except BaseException as e:  # noqa: BLE001 - handed to the main thread
         plan.exception = e
 
@@ -245,11 +254,29 @@ def prepare_windows(plans: list[_SubjectWindows]) -> int:
     if failed:
         for plan in failed:
             logger.error("%s", plan.error)
-        logger.error("windows of subject(s) %s incomplete. Run the same command again to compute only what is "
-                     "missing.", [p.subject for p in failed])
+        data_only = all(plan.data_error for plan in failed)
+        if len(plans) > 1 or not data_only:  # one subject's bad file: its line alone says what to do
+            again = ("once the file(s) named above are fixed, run the same command again" if data_only
+                     else "Run the same command again")
+            logger.error("windows of subject(s) %s incomplete. %s to compute only what is missing.",
+                         [p.subject for p in failed], again)
         return 1
     logger.info("windows of %d subject(s) ready in %.0f s", len(plans), time.monotonic() - start)
     return 0
+
+
+def check_path(args: argparse.Namespace, download: bool) -> None:
+    """Raise NsdDataError when ``--path`` cannot be used by the chosen steps; checked before anything is written."""
+    from dynadiff.data import nsd
+
+    if args.synthetic:
+        from dynadiff.data.synthetic import check_target
+
+        check_target(args.path)
+    elif download:
+        nsd.check_download_target(args.path)
+    else:
+        nsd.check_data_root(args.path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                      "use --skip-download to prepare files already under --path, or --synthetic")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    if args.max_bandwidth is not None and args.max_bandwidth <= 0:
-        parser.error(f"--max-bandwidth must be positive, got {args.max_bandwidth}")
+    if args.max_bandwidth is not None and not 0 < args.max_bandwidth < float("inf"):  # also refuses nan
+        parser.error(f"--max-bandwidth must be a positive number of bytes per second, got {args.max_bandwidth}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.sessions is not None and any(not 1 <= s <= N_SESSIONS for s in args.sessions):
         parser.error(f"--sessions must be in 1..{N_SESSIONS}, got {args.sessions}")
     if args.download_only and (args.windows or args.infra_yaml is not None):
@@ -292,23 +321,39 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
 
     from dynadiff.cli import ConfigError
-    from dynadiff.data.nsd import NsdDataError
+    from dynadiff.data.nsd import NsdDataError, check_writable_folder
     from dynadiff.data.stimuli import prepare_stimuli
 
-    if splits:  # a bad YAML or value fails now, before any download
-        try:
-            if args.infra_yaml is not None:  # checked before --cache is created: a bad YAML writes nothing
-                from dynadiff.infra import load_infra_yaml
+    # A bad YAML, --path or value fails now, before anything is written (the --cache folder included) or downloaded.
+    if args.infra_yaml is not None:
+        from dynadiff.infra import load_infra_yaml
 
-                load_infra_yaml(args.infra_yaml)
+        try:
+            load_infra_yaml(args.infra_yaml)
+        except ConfigError as e:
+            logger.error("%s", e)
+            return 2
+    try:
+        check_path(args, download)
+    except NsdDataError as e:
+        logger.error("--path: %s", e)
+        return 1
+    if splits:
+        try:
             if args.cache is not None:  # exca wants the folder's parent to exist
+                check_writable_folder(args.cache)
                 args.cache.mkdir(parents=True, exist_ok=True)
+        except (NsdDataError, OSError) as e:
+            logger.error("--cache: %s", e)
+            return 2
+        try:
             windows_config(args, subjects[0], splits[0], args.sessions)
         except ConfigError as e:
             logger.error("%s", e)
             return 2
-        # exca (imported by now: its import sets this level) logs a failed job's traceback as a warning;
-        # the failure report says what to do instead (as eval.py)
+        import exca  # noqa: F401 - its import sets the level below: imported first, so that ours stays
+
+        # exca logs a failed computation's traceback as a warning; the failure report says what to do instead
         logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
         sessions = sorted(set(args.sessions)) if args.sessions is not None else None

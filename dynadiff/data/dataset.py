@@ -27,34 +27,61 @@ logger = logging.getLogger(__name__)
 _CHUNK_VOLUMES = 16  # volumes read at once when streaming a 4D series
 
 
-def load_mask(root: Path, subject: int) -> np.ndarray:
-    """Boolean 3D nsdgeneral mask (``> 0``)."""
+def load_mask(root: Path, subject: int, sessions=None) -> np.ndarray:
+    """Boolean 3D nsdgeneral mask (``> 0``); ``sessions`` only shape the fix an error proposes."""
     path = nsd.roi_path(root, subject)
-    data = np.asanyarray(_open_nifti(path).dataobj)
+    fix = nsd.fetch_command(root, [subject], sessions)
+    img = _open_nifti(path, fix)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise several types for a damaged file
+        raise _unreadable(path, e, fix) from e
     if data.ndim != 3:
         raise nsd.NsdDataError(f"{path} should be a 3D volume, got shape {data.shape}")
     return data > 0
 
 
-def _open_nifti(path: Path):
+def _unreadable(path: Path, e: BaseException, fix: str | None) -> nsd.NsdDataError:
+    """The one-line error for a NIfTI file that cannot be read, with the command that fetches it again.
+
+    A truncated file (its gzip stream ends early) is downloaded again by the download command, which fetches
+    any file whose size differs from the bucket's; a damaged one may have the right size, which that command
+    keeps (a multipart object's ETag is no checksum): it must be deleted first.
+    """
+    truncated = isinstance(e, EOFError)
+    with_fix = f" with `{fix}`" if fix else " (the prepare_data.py command that downloaded it)"
+    if fix and "--synthetic" in fix:
+        todo = f"write the synthetic mini-NSD again{with_fix}"
+    elif truncated:
+        todo = f"download it again{with_fix}: files whose size differs from the bucket's are fetched again"
+    else:
+        todo = f"delete it, then download it again{with_fix}"
+    state = "truncated" if truncated else "damaged"
+    return nsd.NsdDataError(f"cannot read NIfTI file {path}: {state} ({type(e).__name__}: {e}); {todo}")
+
+
+def _open_nifti(path: Path, fix: str | None):
     import nibabel as nib
 
     if not Path(path).exists():
-        raise nsd.NsdDataError(f"missing NIfTI file {path}")
+        raise nsd.NsdDataError(f"missing NIfTI file {path}" + (f": fetch it with `{fix}`" if fix else ""))
     try:
         return nib.load(str(path), keep_file_open=True)
-    except Exception as e:  # nibabel raises several types for corrupt files
-        raise nsd.NsdDataError(f"cannot read NIfTI file {path} ({type(e).__name__}: {e}); re-download it") from e
+    except Exception as e:  # noqa: BLE001 - nibabel raises several types for corrupt files
+        raise _unreadable(path, e, fix) from e
 
 
-def load_masked_run(path: Path, mask: np.ndarray, n_volumes: int = N_VOLUMES_USED) -> np.ndarray:
+def load_masked_run(path: Path, mask: np.ndarray, n_volumes: int = N_VOLUMES_USED, fix: str | None = None
+                    ) -> np.ndarray:
     """(voxels, n_volumes) float32: the masked first ``n_volumes`` volumes of a 4D series.
 
     Streams a few volumes at a time and masks them before any conversion to
     float, so memory stays at one chunk of raw volumes plus the masked output
-    (never a float64 copy of the 4D run).
+    (never a float64 copy of the 4D run). An unreadable file is an
+    :class:`~dynadiff.data.nsd.NsdDataError` that gives ``fix``, the command
+    that fetches the file again (``None``: named in general terms).
     """
-    img = _open_nifti(path)
+    img = _open_nifti(path, fix)
     shape = img.shape
     if len(shape) != 4 or tuple(shape[:3]) != mask.shape:
         raise nsd.NsdDataError(
@@ -68,8 +95,8 @@ def load_masked_run(path: Path, mask: np.ndarray, n_volumes: int = N_VOLUMES_USE
             stop = min(start + _CHUNK_VOLUMES, n_volumes)
             chunk = np.asanyarray(img.dataobj[..., start:stop])  # raw dtype unless the file is scaled
             out[:, start:stop] = chunk[mask]
-    except Exception as e:
-        raise nsd.NsdDataError(f"cannot read NIfTI file {path} ({type(e).__name__}: {e}); re-download it") from e
+    except Exception as e:  # noqa: BLE001 - gzip, zlib and nibabel raise several types for a damaged file
+        raise _unreadable(path, e, fix) from e
     return out
 
 
@@ -78,10 +105,11 @@ def compute_run_windows(cfg: "NsdDatasetConfig", items: tp.Iterable[nsd.RunEvent
     root = Path(cfg.nsddata_path)
     masks: dict[int, np.ndarray] = {}
     for item in items:
-        subject = item.run.subject
-        if subject not in masks:
-            masks[subject] = load_mask(root, subject)
-        series = load_masked_run(item.run.timeseries_path(root), masks[subject])
+        run = item.run
+        if run.subject not in masks:
+            masks[run.subject] = load_mask(root, run.subject, cfg.sessions)
+        fix = nsd.fetch_command(root, [run.subject], [run.session])
+        series = load_masked_run(run.timeseries_path(root), masks[run.subject], fix=fix)
         clean = detrend_zscore(series)
         yield extract_windows(clean, item.volumes, cfg.offset, cfg.duration)
 
@@ -117,8 +145,23 @@ def list_trials(cfg: "NsdDatasetConfig") -> tuple[list[nsd.RunEvents], list[Tria
                 )
         for row, nsd_id in enumerate(ids):
             trials.append(Trial(len(items), row, int(nsd_id)))
-        items.append(nsd.RunEvents(run, tuple(int(v) for v in volumes)))
+        stamp = nsd.file_stamp([run.timeseries_path(root), nsd.roi_path(root, cfg.subject)])
+        items.append(nsd.RunEvents(run, tuple(int(v) for v in volumes), stamp))
     return items, trials
+
+
+def data_digest(cfg: "NsdDatasetConfig") -> str:
+    """A digest of the data an evaluation reads (its windows' files, designs and test ids): a rewritten data
+    folder is a new evaluation (``EvalConfig.data_digest``), never one served from the old data's cache."""
+    import hashlib
+
+    root = Path(cfg.nsddata_path)
+    items, trials = list_trials(cfg)
+    designs = nsd.file_stamp([item.run.design_path(root) for item in items] + [root / nsd.TEST_IDS_FILE])
+    h = hashlib.sha1(designs.encode())
+    for item in items:
+        h.update(item.uid.encode())
+    return h.hexdigest()[:16]
 
 
 def group_by_image(trials: tp.Sequence[Trial]) -> dict[int, list[Trial]]:
@@ -212,7 +255,7 @@ def build_dataset(cfg: "NsdDatasetConfig", subject_idx: int = 0) -> NsdDataset:
     if missing:
         raise nsd.NsdDataError(
             f"{len(missing)} stimulus PNG(s) missing under {root / nsd.STIMULI_PNG_DIR} (e.g. "
-            f"{nsd.stimulus_png(root, missing[0])}); run `python prepare_data.py --path {root} --skip-download`"
+            f"{nsd.stimulus_png(root, missing[0])}); run `python prepare_data.py --skip-download --path {root}`"
         )
     logger.info("subject %d, %s: %d events in %d runs -> %d samples", cfg.subject, cfg.split, len(trials), len(items),
                 len(samples))

@@ -39,21 +39,24 @@ from tqdm.auto import tqdm
 from dynadiff.data.nsd import (
     EXPDESIGN_FILE,
     EXPDESIGN_KEY,
+    NSD_BUCKET_URL,
     ROI_DIR,
     STIMULI_FILE,
     STIMULI_KEY,
     SUBJECTS,
+    check_download_target,
     check_subject,
     list_runs,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUCKET = "s3://natural-scenes-dataset"
+DEFAULT_BUCKET = NSD_BUCKET_URL
 MANIFEST_FILE = ".nsd_download_manifest.json"
 PART_SUFFIX = ".part"
 SUPPORTED_AWS_ARGS = ("--no-sign-request", "--profile NAME", "--endpoint-url URL", "--region NAME")
 _PLAIN_MD5 = re.compile(r"[0-9a-f]{32}")
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 _CHUNK = 1 << 20  # bytes read from a response at a time
 
 
@@ -122,6 +125,9 @@ def parse_bucket_url(url: str) -> tuple[str, str]:
     match = re.fullmatch(r"s3://([^/]+)(?:/(.*))?", url.strip())
     if match is None or not match.group(1):
         raise ValueError(f"--nsd_bucket should look like s3://bucket[/prefix], got {url!r}")
+    if not _BUCKET_NAME.fullmatch(match.group(1)):  # what botocore accepts (it would fail with a long message)
+        raise ValueError(f"--nsd_bucket: {match.group(1)!r} is not a bucket name (letters, digits, '.', '-' and '_' "
+                         f"only, e.g. {NSD_BUCKET_URL}), got {url!r}")
     prefix = (match.group(2) or "").strip("/")
     return match.group(1), f"{prefix}/" if prefix else ""
 
@@ -566,7 +572,9 @@ def download_nsd(
     """Download what SPEC §1 lists for ``subjects`` (all 40 sessions unless ``sessions``) into ``root``.
 
     ``max_bandwidth`` caps the total throughput in bytes per second (None: no cap).
-    Raises :class:`DownloadError` for missing/unsafe keys, access problems and failed transfers.
+    Raises :class:`DownloadError` for missing/unsafe keys, access problems and failed transfers, and
+    :class:`~dynadiff.data.nsd.NsdDataError`, before any request, when ``root`` cannot be written to or holds
+    a synthetic mini-NSD (real files would be mixed with it).
     """
     start = time.monotonic()
     if workers < 1:
@@ -577,12 +585,16 @@ def download_nsd(
     options = aws_args if isinstance(aws_args, AwsOptions) else parse_aws_args(aws_args)
     root = Path(root)
     subjects = [check_subject(s) for s in subjects]
+    check_download_target(root)
     if client is None:
         client = make_s3_client(options, max_connections=workers)
 
     logger.info("listing s3://%s/%s for subject(s) %s", bucket, prefix, subjects)
     objects = plan_download(client, bucket, prefix, root, subjects, sessions)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create {root}: {e.strerror}") from e
     manifest = _load_manifest(root)
     states = {obj.rel: _quick_state(root, obj, manifest) for obj in objects}
     by_rel = {obj.rel: obj for obj in objects}

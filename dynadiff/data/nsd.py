@@ -7,6 +7,9 @@ signal processing is in :mod:`dynadiff.data.preprocess`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,9 @@ EXPDESIGN_FILE = "nsd_expdesign.mat"  # saved at the data root
 STIMULI_FILE = "nsd_stimuli.hdf5"  # saved at the data root
 TEST_IDS_FILE = "test_images_ids.npy"
 STIMULI_PNG_DIR = "nsd_stimuli"
+SYNTHETIC_MARKER = ".dynadiff-synthetic"  # at the root of a synthetic mini-NSD (dynadiff.data.synthetic)
+SYNTHETIC_SUMMARY = "synthetic.json"  # written last by the synthetic writer: its subjects, sessions, seed
+NSD_BUCKET_URL = "s3://natural-scenes-dataset"
 
 
 class NsdDataError(RuntimeError):
@@ -81,8 +87,78 @@ def roi_path(root: Path, subject: int, name: str = "nsdgeneral") -> Path:
     return Path(root) / ROI_DIR.format(subject=subject) / f"{name}.nii.gz"
 
 
+def is_synthetic(root: Path) -> bool:
+    """True when ``root`` holds a synthetic mini-NSD (its marker file)."""
+    return (Path(root) / SYNTHETIC_MARKER).is_file()
+
+
+def fetch_command(root: Path, subjects=None, sessions=None) -> str:
+    """The ``prepare_data.py`` command that writes the files of ``subjects`` (``sessions``) under ``root`` again.
+
+    The download (which fetches the missing files and those whose size differs from the bucket's, and keeps
+    the complete ones), or for a synthetic mini-NSD its rewrite with the subjects and seed of its summary.
+    """
+    root = Path(root)
+    if is_synthetic(root):
+        try:
+            summary = json.loads((root / SYNTHETIC_SUMMARY).read_text())
+            extra = f" --subjects {' '.join(map(str, summary['subjects']))} --seed {int(summary['seed'])}"
+        except (OSError, ValueError, KeyError, TypeError):  # an interrupted write has no summary yet
+            extra = ""
+        return f"python prepare_data.py --synthetic --path {root}{extra}"
+    cmd = f"python prepare_data.py --nsd_bucket {NSD_BUCKET_URL} --path {root}"
+    if subjects is not None:
+        cmd += f" --subjects {' '.join(str(s) for s in subjects)}"
+    if sessions is not None:
+        cmd += f" --sessions {' '.join(str(s) for s in sessions)}"
+    return cmd
+
+
+def check_data_root(root: Path) -> Path:
+    """``root`` if it is an existing folder, else :class:`NsdDataError` saying what it is and what to do."""
+    root = Path(root)
+    if root.is_dir():
+        return root
+    if root.exists():
+        raise NsdDataError(f"{root} is a file, not a folder: give the NSD folder (the one prepare_data.py "
+                           "downloads into)")
+    raise NsdDataError(f"the NSD folder {root} does not exist: download the data with `{fetch_command(root)}` "
+                       f"(or write a synthetic mini-NSD there with `python prepare_data.py --synthetic --path {root}`)")
+
+
+def check_writable_folder(root: Path) -> Path:
+    """``root`` if files can be written under it (an existing folder, or one that can be created).
+
+    :class:`NsdDataError` when ``root`` or its nearest existing parent is a file or is not writable. Uses
+    ``os.access``, which grants everything to root (the super-user) except on a read-only file system: run as
+    root, only that case is caught here; other write failures are reported when they happen.
+    """
+    root = Path(root)
+    existing = root
+    while not existing.exists() and existing != existing.parent:  # nearest existing parent ('.' or '/' at worst)
+        existing = existing.parent
+    what = "" if existing == root else f"cannot create {root}: "
+    if not existing.is_dir():
+        raise NsdDataError(f"{what}{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NsdDataError(f"{what}cannot write into {existing} (permission denied, or a read-only file system): "
+                           "choose a folder you can write to")
+    return root
+
+
+def check_download_target(root: Path) -> Path:
+    """``root`` if the real NSD may be downloaded into it: writable (see :func:`check_writable_folder`) and
+    not a synthetic mini-NSD (real files would be mixed with synthetic ones)."""
+    check_writable_folder(root)
+    if is_synthetic(root):
+        raise NsdDataError(f"{root} holds a synthetic mini-NSD (written by --synthetic): download the real NSD into "
+                           f"another folder, or delete {root} first")
+    return Path(root)
+
+
 def check_files_exist(root: Path, runs: list[Run], subject: int) -> None:
     """Raise one error that lists *every* missing file (not one per try)."""
+    check_data_root(root)
     needed = [roi_path(root, subject)]
     for run in runs:
         needed += [run.timeseries_path(root), run.design_path(root)]
@@ -92,8 +168,7 @@ def check_files_exist(root: Path, runs: list[Run], subject: int) -> None:
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise NsdDataError(
             f"{len(missing)} NSD file(s) missing under {root}:\n  {shown}{more}\n"
-            "Download them with `python prepare_data.py --nsd_bucket s3://natural-scenes-dataset --path "
-            f"{root} --subjects {subject}`, or restrict the sessions with "
+            f"Download them with `{fetch_command(root, [subject])}`, or restrict the sessions with "
             "data.nsd_dataset_config.sessions=[...]."
         )
 
@@ -137,16 +212,33 @@ def stimulus_png(root: Path, nsd_id: int) -> Path:
     return Path(root) / STIMULI_PNG_DIR / f"{int(nsd_id) - 1}.png"
 
 
+def file_stamp(paths: tp.Iterable[Path]) -> str:
+    """A digest of the files' names, sizes and modification times: it changes when one is rewritten (a new
+    synthetic mini-NSD, a file downloaded again), so that what was computed from the old files is not reused."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in paths:
+        st = Path(path).stat()
+        h.update(f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:12]
+
+
 @dataclasses.dataclass(frozen=True)
 class RunEvents:
-    """The events of one run whose windows are wanted: the unit of caching."""
+    """The events of one run whose windows are wanted: the unit of caching.
+
+    ``stamp``: :func:`file_stamp` of the files the windows are computed from (the run's time
+    series and the subject's mask), part of the cache key.
+    """
 
     run: Run
     volumes: tuple[int, ...]
+    stamp: str = ""
 
     @property
     def uid(self) -> str:
         import hashlib
 
-        digest = hashlib.sha1(",".join(map(str, self.volumes)).encode()).hexdigest()[:12]
+        digest = hashlib.sha1((",".join(map(str, self.volumes)) + self.stamp).encode()).hexdigest()[:12]
         return f"{self.run.uid}_{len(self.volumes)}ev_{digest}"

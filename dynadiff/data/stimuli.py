@@ -31,6 +31,7 @@ from dynadiff.data.nsd import (
     SUBJECTS,
     TEST_IDS_FILE,
     NsdDataError,
+    check_data_root,
     check_subject,
 )
 
@@ -268,9 +269,9 @@ def prepare_stimuli(
     chunk_rows: int = 32,
 ) -> ExtractSummary:
     """The whole preparation step on a downloaded NSD folder: test ids, then stimulus PNGs."""
-    root = Path(root)
     if images not in IMAGE_CHOICES:
         raise ValueError(f"images should be one of {IMAGE_CHOICES}, got {images!r}")
+    root = check_data_root(root)
     expdesign = load_expdesign(root / EXPDESIGN_FILE)
     write_test_ids(root, expdesign)
     brick = root / STIMULI_FILE

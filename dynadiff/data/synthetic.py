@@ -7,7 +7,13 @@ Written where ``prepare_data.py`` would download the real one:
 - ``nsddata/ppdata/subjAA/func1pt8mm/roi/nsdgeneral.nii.gz`` (-1 outside the brain,
   0 brain, 1 visual cortex);
 - ``nsd_expdesign.mat`` (``sharedix``, ``subjectim``, ``masterordering``) and
-  ``nsd_stimuli.hdf5`` (``imgBrick``, (N, 425, 425, 3) uint8) at the root.
+  ``nsd_stimuli.hdf5`` (``imgBrick``, (N, 425, 425, 3) uint8) at the root;
+- ``.dynadiff-synthetic`` (written first: says what wrote the folder) and
+  ``synthetic.json`` (written last: the summary) at the root.
+
+It is written only into an empty or new folder, or one it wrote before (its
+marker file), whose whole content it then deletes first: never over other
+data, and never a mix of two synthetic datasets.
 
 The BOLD signal comes from a known encoding model, so decoders can learn:
 each image has features (its 4x4 RGB thumbnail, standardised); each visual
@@ -22,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,10 @@ IMAGE_SIZE = 425  # imgBrick rows are 425x425 RGB
 # Small, deliberately unequal volume shapes so an axis mix-up fails.
 DEFAULT_SHAPES = {1: (14, 17, 11), 2: (13, 16, 12), 5: (15, 14, 11), 7: (12, 18, 10)}
 N_FEATURES = 48  # 4x4 RGB thumbnail
+MARKER_TEXT = (
+    "A synthetic mini-NSD written by dynadiff.data.synthetic.write_synthetic_nsd (prepare_data.py --synthetic), "
+    "not real data.\nIts next run into this folder deletes everything here and writes it again.\n"
+)
 
 
 @dataclasses.dataclass
@@ -129,18 +140,76 @@ def _schedule(trials: list[int], n_runs: int, rng: np.random.Generator) -> list[
     return out
 
 
+def check_target(root) -> bool:
+    """Raise :class:`~dynadiff.data.nsd.NsdDataError` unless a synthetic mini-NSD may be written into ``root``.
+
+    Allowed: a folder that does not exist yet (and can be created), an empty one, or one a previous call
+    wrote (its marker file). True in that last case: writing deletes its old content first.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise nsd.NsdDataError(f"{root} is a file, not a folder: write the synthetic mini-NSD into an empty or new "
+                               "folder")
+    marked = nsd.is_synthetic(root)
+    if root.is_dir():
+        try:
+            names = sorted(p.name for p in root.iterdir())
+        except OSError as e:
+            raise nsd.NsdDataError(f"cannot list {root}: {e.strerror}; choose a folder you can write to") from e
+        if names and not marked:
+            such = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise nsd.NsdDataError(
+                f"{root} holds {len(names)} {'entry' if len(names) == 1 else 'entries'} such as {such}, not "
+                f"written by --synthetic (no {nsd.SYNTHETIC_MARKER} file): refusing to write the synthetic "
+                "mini-NSD over them; choose an empty or new folder"
+            )
+    nsd.check_writable_folder(root)
+    return marked
+
+
+def _clear(root: Path) -> int:
+    """Delete the content of a folder written by :func:`write_synthetic_nsd`, its marker last; the count."""
+    entries = sorted(root.iterdir(), key=lambda p: p.name == nsd.SYNTHETIC_MARKER)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return len(entries)
+
+
 def write_synthetic_nsd(root, subjects=(1,), seed: int = 0, **kwargs) -> dict:
     """Write a synthetic mini-NSD under ``root`` (see the module docstring); return a summary.
 
     Keyword arguments override :class:`SyntheticParams` fields. The summary
     (also saved as ``root/synthetic.json``) lists the subjects, their sessions,
     voxel counts, the test ids and the data-config overrides to use.
+
+    ``root`` must be new, empty or written by an earlier call (see :func:`check_target`); in that last
+    case everything in it is deleted first, so nothing of the previous data (other subjects, seed, prepared
+    PNGs) is left. The marker file is written first and the summary last: an interrupted write leaves a
+    folder the next call rewrites. Raises :class:`~dynadiff.data.nsd.NsdDataError` for a refused ``root`` or
+    a failed write (one line: the path and the reason).
     """
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     p = SyntheticParams(subjects=tuple(int(s) for s in subjects), seed=seed, **kwargs)
     for s in p.subjects:
         nsd.check_subject(s)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    rewrite = check_target(root)
+    try:
+        if rewrite:
+            n = _clear(root)
+            logger.info("%s: deleted the previous synthetic mini-NSD (%d entries)", root, n)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / nsd.SYNTHETIC_MARKER).write_text(MARKER_TEXT)
+        return _write(root, p)
+    except OSError as e:
+        raise nsd.NsdDataError(f"cannot write the synthetic mini-NSD into {root}: {e}") from e
+
+
+def _write(root: Path, p: SyntheticParams) -> dict:
     rng = np.random.default_rng(p.seed)
     shapes = {**DEFAULT_SHAPES, **(p.volume_shapes or {})}
 
@@ -206,7 +275,7 @@ def write_synthetic_nsd(root, subjects=(1,), seed: int = 0, **kwargs) -> dict:
         logger.info("synthetic subject %d: %d runs, %d visual voxels", subject, len(runs), n_vis)
     summary["overrides"] = [f"data.nsd_dataset_config.nsddata_path={root}",
                             f"data.nsd_dataset_config.sessions=[{','.join(map(str, p.sessions))}]"]
-    (root / "synthetic.json").write_text(json.dumps(summary, indent=1))
+    (root / nsd.SYNTHETIC_SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 
 

@@ -118,7 +118,13 @@ def test_skip_download_prepares_and_download_only_does_not(synthetic_nsd, s3_mak
     (["--skip-download", "--workers", "0"], "--workers must be >= 1"),
     (["--skip-download", "--images", "some"], "invalid choice: 'some'"),
     (["--nsd_bucket", "s3://b", "--sessions", "41"], "--sessions must be in 1..40"),
-    (["--nsd_bucket", "s3://b", "--max-bandwidth", "0"], "--max-bandwidth must be positive"),
+    (["--nsd_bucket", "s3://b", "--max-bandwidth", "0"], "--max-bandwidth must be a positive number"),
+    (["--nsd_bucket", "s3://b", "--max-bandwidth", "nan"], "--max-bandwidth must be a positive number"),
+    (["--nsd_bucket", "s3://b", "--max-bandwidth", "inf"], "--max-bandwidth must be a positive number"),
+    (["--nsd_bucket", "s3://b", "--sessions", "0"], "--sessions must be in 1..40, got [0]"),
+    (["--nsd_bucket", "s3://natural scenes"], "'natural scenes' is not a bucket name"),
+    (["--nsd_bucket", "s3://nsd!/x"], "'nsd!' is not a bucket name"),
+    (["--synthetic", "--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_bad_usage_exits_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

@@ -196,7 +196,8 @@ def test_a_failed_subject_keeps_the_others_windows_in_process(two_subject_nsd, t
                                   "--windows", "all", "--cache", str(cache), "--sessions", "1"])
     assert code == 1
     assert f"subject 2: cannot read NIfTI file {bad}" in caplog.text
-    assert "Run the same command again to compute only what is missing" in caplog.text
+    assert "once the file(s) named above are fixed, run the same command again to compute only what is missing" \
+        in caplog.text
     assert "subject 1: windows cached" in caplog.text and "subject 2: windows cached" not in caplog.text
     for cfg in _script_configs(root, cache, 1):
         assert jobs.missing_items(cfg.infra, list_trials(cfg)[0]) == []
