@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"Training run (log.csv, samples/, checkpoints/): {report['train_summary']['output_dir']}")
     print(f"Overview (ground truth above reconstruction): {report['overview']}")
+    print(f"Re-evaluate the trained decoder (e.g. with other --metrics or KEY=VALUE settings):\n  {report['eval_command']}")
     return 0
 
 

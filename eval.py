@@ -3,13 +3,17 @@
     python eval.py --subject 1 [--averaged-trial] [KEY=VALUE ...]
 
 Defaults come from config/config.yaml; flags override them; KEY=VALUE
-overrides (any config key, validated) come last. Outputs go to
-{cache}/reconstructions_subjXX_{averaged|unaveraged}/.
+overrides (any config key, validated) come last. Outputs go to the run's own
+folder, {cache}/reconstructions_subjXX_{averaged|unaveraged}_{run id}/ (the run
+id is a digest of what changes the outputs: checkpoint, sampler settings, data
+selection, --limit, metrics...), and {cache}/reconstructions_subjXX_{averaged|
+unaveraged} links to the latest run's folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -77,26 +81,89 @@ def build_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     return apply_overrides(EvalConfig, base, overrides + list(args.overrides) + list(extra))
 
 
+def brain_overrides(args: argparse.Namespace, cfg, checkpoint: Path, recorded: dict) -> list[str]:
+    """``brain_modules_config.KEY=VALUE`` for each key of the configuration a train.py checkpoint records.
+
+    The checkpoint's values replace the config file's (logged); a ``KEY=VALUE`` given on the command line that
+    disagrees with them is a :class:`ConfigError` (the weights only fit the configuration they were trained with).
+    """
+    given = cfg.brain_modules_config.model_dump(mode="json")
+    on_command_line = {o.split("=", 1)[0].strip() for o in args.overrides if "=" in o}
+    conflicts = [f"{k}={given[k]!r} (checkpoint: {v!r})" for k, v in recorded.items()
+                 if given.get(k) != v and ({f"brain_modules_config.{k}", "brain_modules_config"} & on_command_line)]
+    if conflicts:
+        raise ConfigError(
+            f"brain_modules_config given on the command line disagrees with checkpoint {checkpoint}, which records the "
+            f"configuration it was trained with: {', '.join(conflicts)}. Drop those overrides: eval.py takes the brain "
+            "module's configuration from the checkpoint")
+    changed = {k: v for k, v in recorded.items() if given.get(k) != v}
+    if changed:
+        logger.info("brain module configuration from the checkpoint's metadata: %s (the config file has %s)",
+                    ", ".join(f"{k}={v}" for k, v in changed.items()),
+                    ", ".join(f"{k}={given.get(k)}" for k in changed))
+    return [f"brain_modules_config.{k}={json.dumps(v)}" for k, v in recorded.items()]
+
+
+def resolve_config(args: argparse.Namespace):
+    """The configuration of the run, its inputs checked: the checkpoint resolved (a folder holding one
+    model.safetensors: that file) and digested, the brain module's configuration from its metadata, the data
+    files digested (rewritten data or checkpoint: a new run, never an old run's cached images or metrics)."""
+    from dynadiff.evaluation import preflight
+
+    cfg = build_config(args)
+    checked = preflight(cfg)
+    extra = [f"checkpoint={json.dumps(str(checked.checkpoint))}", f"checkpoint_digest={checked.digest}",
+             f"data_digest={checked.data_digest}"]
+    if checked.brain_config is not None:
+        extra += brain_overrides(args, cfg, checked.checkpoint, checked.brain_config)
+    return build_config(args, extra=tuple(extra))
+
+
+def interrupted(cfg) -> str:
+    """What an interrupted run kept, and how to continue."""
+    from dynadiff import jobs
+    from dynadiff.evaluation import reconstruction_config
+
+    try:
+        rec = reconstruction_config(cfg)
+        folder = rec.infra.uid_folder()
+        n = len(rec.infra.cache_dict) if folder is not None and folder.exists() else 0
+    except Exception:  # noqa: BLE001 - a report, never a second traceback
+        n, folder = None, None
+    kept = f"{n} generated image(s) are kept in {folder}" if n is not None else "the generated images are kept"
+    where = "" if cfg.image_generation.cluster in (None, "debug") else (
+        "; cluster jobs already submitted go on and fill the cache (squeue / scancel)")
+    return (f"interrupted: {kept}{where}. Run the same command again to continue: only the missing images are "
+            f"generated. {cfg.output_dir} is incomplete until then (no metrics.json).")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from dynadiff.evaluation import EvaluationError, preflight
+    from dynadiff.data.nsd import NsdDataError
+    from dynadiff.evaluation import EvaluationError, evaluate
 
     # exca logs a failed task's traceback as a warning; our errors say what to do instead
     logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
 
+    cfg = None
     try:
-        digest = preflight(build_config(args))
-        cfg = build_config(args, extra=(f"checkpoint_digest={digest}",))
-        result = cfg.run()
-    except (ConfigError, EvaluationError) as e:
+        cfg = resolve_config(args)
+        result = evaluate(cfg)
+    except (ConfigError, EvaluationError, NsdDataError) as e:  # NsdDataError: a data file unreadable mid-run
         logger.error("%s", e)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        logger.error("%s", interrupted(cfg) if cfg is not None else "interrupted before any work: nothing written")
+        return 130
     from dynadiff.evaluation import metrics_table
 
     print(metrics_table(result))
     out = Path(result["output_dir"])
-    print(f"Reconstructions and metrics: {out}")
+    print(f"Reconstructions and metrics of run {result['run_id']}: {out}")
+    if result.get("latest_link"):
+        print(f"  (also {result['latest_link']}: the latest run of subject {result['subject']}, "
+              f"{'averaged' if result['averaged'] else 'unaveraged'})")
     if (out / "overview.png").exists():
         print(f"Overview (ground truth above reconstruction): {out / 'overview.png'}")
     return 0

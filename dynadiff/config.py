@@ -6,6 +6,7 @@ describes with ``.build()``.
 """
 
 
+import hashlib
 import typing as tp
 from pathlib import Path
 
@@ -134,7 +135,8 @@ class ReconstructionConfig(StrictModel):
 
     The cache key holds everything that changes the images: the data
     selection, both model configs, the checkpoint (path *and* a digest of its
-    files' sizes and modification times) and the sampler settings; it leaves
+    files' sizes and modification times), a digest of the data files (likewise)
+    and the sampler settings; it leaves
     out ``device`` and ``batch_size`` (each image has its own random stream; the
     batch size changes it at float rounding level only).
     """
@@ -144,6 +146,7 @@ class ReconstructionConfig(StrictModel):
     versatilediffusion_config: VersatileDiffusionConfig = VersatileDiffusionConfig()
     checkpoint: Path = Path("./checkpoints/subj01")
     checkpoint_digest: str = ""
+    data_digest: str = ""  # of the data files (dynadiff.data.dataset.data_digest): rewritten data, new images
     allow_missing_keys: bool = False
     device: Device = "auto"
     batch_size: int = pydantic.Field(4, ge=1)
@@ -162,7 +165,10 @@ class EvalConfig(StrictModel):
     """``eval.py``: reconstruct a subject's test images, then measure them (SPEC §5).
 
     ``infra`` (an exca ``TaskInfra``) caches the finished run; its ``folder`` is
-    where ``reconstructions_subjXX_{averaged|unaveraged}/`` is written.
+    where the run's outputs are written, in ``reconstructions_subjXX_{averaged|unaveraged}_{run_id}/``
+    (``run_id``: a digest of the run's cache key, so that runs that differ in what
+    changes their outputs never share a folder), with
+    ``reconstructions_subjXX_{averaged|unaveraged}`` a link to the latest run's folder.
     ``image_generation`` holds the resources of the per-image generation map
     (the original's ``map_infra_image_generation``).
     """
@@ -172,6 +178,7 @@ class EvalConfig(StrictModel):
     versatilediffusion_config: VersatileDiffusionConfig = VersatileDiffusionConfig()
     checkpoint: Path | None = None  # None: ./checkpoints/subjXX
     checkpoint_digest: str = ""  # set by eval.py from the files: a changed checkpoint is a new run
+    data_digest: str = ""  # set by eval.py from the data files: rewritten data is a new run
     allow_missing_keys: bool = False
     device: Device = "auto"
     batch_size: int = pydantic.Field(4, ge=1)
@@ -197,10 +204,16 @@ class EvalConfig(StrictModel):
         return v
 
     @property
+    def run_id(self) -> str:
+        """8 hex digits naming this run: a digest of its cache key (everything that changes its outputs)."""
+        return hashlib.sha1(self.infra.uid().encode()).hexdigest()[:8]
+
+    @property
     def output_dir(self) -> Path:
+        """``{infra.folder}/reconstructions_subjXX_{averaged|unaveraged}_{run_id}``: this run's own folder."""
         nsd_cfg = self.data.nsd_dataset_config
         mode = "averaged" if nsd_cfg.averaged else "unaveraged"
-        return Path(self.infra.folder or "./cache") / f"reconstructions_subj{nsd_cfg.subject:02d}_{mode}"
+        return Path(self.infra.folder or "./cache") / f"reconstructions_subj{nsd_cfg.subject:02d}_{mode}_{self.run_id}"
 
     @infra.apply(exclude_from_cache_uid=("device", "batch_size", "image_generation", "overview_images"))
     def run(self) -> dict:

@@ -10,7 +10,9 @@
    and :func:`dynadiff.training.train`): brain module + LoRA, SPEC §4 step;
 4. run the real evaluation (``eval.py``'s configuration and pipeline) on the
    held-out test images, for the trained decoder and for the same decoder
-   before training, and compare.
+   before training, and compare; the report holds the ``eval.py`` command of the
+   trained decoder's evaluation, which re-evaluates it when pasted (it finds
+   its images cached).
 
 The synthetic BOLD encodes each image's 4x4 RGB thumbnail, so a decoder that
 learns from the fMRI recovers the images' coarse colour layout: PixCorr above
@@ -24,7 +26,9 @@ import importlib.util
 import json
 import logging
 import math
+import shlex
 import shutil
+import sys
 import time
 import typing as tp
 from pathlib import Path
@@ -235,12 +239,12 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     from dynadiff.checkpoint import save_checkpoint
     from dynadiff.data.stimuli import prepare_stimuli
     from dynadiff.data.synthetic import write_synthetic_nsd
-    from dynadiff.evaluation import preflight
+    from dynadiff.evaluation import evaluate
     from dynadiff.training import build_training_data, init_model
 
     t_start = time.perf_counter()
     torch.set_num_threads(s.threads)
-    workdir = _prepare_workdir(workdir)
+    workdir = _prepare_workdir(Path(workdir).resolve())  # absolute: the eval command it prints works anywhere
     times = {}
 
     t = time.perf_counter()
@@ -273,24 +277,24 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     times["decoder training"] = time.perf_counter() - t
 
     eval_script = _load_script("eval")
-    brain = [f"brain_modules_config.{k}={v}" for k, v in train_cfg.brain_modules_config.model_dump().items()]
-    results = {}
+    results, commands = {}, {}
     t = time.perf_counter()
     for label, ckpt in (("untrained", untrained), ("trained", Path(summary["best_checkpoint"] or summary["last_checkpoint"]))):
+        # the brain module's sizes come from the checkpoint's metadata, as for any train.py checkpoint
         argv = ["--subject", str(s.subject), "--cache", str(workdir / f"eval_{label}"), "--checkpoint", str(ckpt),
                 "--vd_cache_dir", str(vd_dir), "--device", "cpu", "--metrics", "pixcorr,ssim", *s.eval_args,
-                *common, *brain, f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
-        cfg = eval_script.build_config(eval_script.parse_args(argv))
-        preflight(cfg)
-        result = cfg.run()
+                *common, f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
+        cfg = eval_script.resolve_config(eval_script.parse_args(argv))
+        result = evaluate(cfg)
         out = Path(result["output_dir"])
         result["pixel_identification"] = pixel_identification_from_folder(out, result["n_images"], result["identification"])
         results[label] = result
+        commands[label] = shlex.join([sys.executable, str(REPO_ROOT / "eval.py"), *argv])
     times["evaluation"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
     report = {"untrained": results["untrained"], "trained": results["trained"], "train_summary": summary,
               "times_s": times, "overview": str(Path(results["trained"]["output_dir"]) / "overview.png"),
-              "workdir": str(workdir)}
+              "workdir": str(workdir), "eval_command": commands["trained"]}
     (workdir / "demo_results.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 

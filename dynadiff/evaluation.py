@@ -6,16 +6,29 @@
    resumes with the missing images only;
 3. faces pixelated (before saving and before metrics, as the original);
 4. ``{i}.png`` / ``{i}_gt.png``, ``metrics.json``, ``metrics.md``,
-   ``overview.png`` and ``config.yaml`` in the output folder; ``metrics.json``
-   is written last, so its presence means the run finished.
+   ``overview.png``, ``config.yaml`` and ``run.json`` in the run's own output
+   folder; ``metrics.json`` is written last, so its presence means the run
+   finished.
+
+Each run has its own folder, ``{cache}/reconstructions_subjXX_{mode}_{run id}``:
+the run id is a digest of everything that changes the outputs (the cache key of
+``EvalConfig.run``: checkpoint path and digest, sampler settings, data
+selection, ``limit``, metrics...), so two runs never write into one folder, and
+a cached result is only ever reported next to the files of the same run
+(:func:`evaluate` checks them and writes them again if they do not match).
+``{cache}/reconstructions_subjXX_{mode}`` (the original's place) is a link to
+the latest run's folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
+import os
+import re
 import typing as tp
 from pathlib import Path
 
@@ -51,6 +64,10 @@ def default_checkpoint(subject: int) -> Path:
     return Path("checkpoints") / f"subj{subject:02d}"
 
 
+RUN_FILE = "run.json"  # in a run's output folder: which run wrote it
+_OUTPUT_PNG = re.compile(r"\d+(_gt)?\.png")
+
+
 def checkpoint_digest(path: Path) -> str:
     """Digest of a checkpoint file or folder: relative names, sizes and modification times."""
     path = Path(path)
@@ -62,13 +79,43 @@ def checkpoint_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def check_checkpoint(path: Path, subject: int) -> None:
-    if not Path(path).exists():
+def check_checkpoint(path: Path, subject: int) -> Path:
+    """The checkpoint file or DeepSpeed folder that ``path`` names (a folder holding one ``model.safetensors``:
+    that file), readable and trained on ``subject``; :class:`EvaluationError` saying what is wrong otherwise."""
+    from dynadiff.checkpoint import CheckpointError, resolve_checkpoint
+
+    path = Path(path)
+    if not path.exists():
         raise EvaluationError(
             f"checkpoint {path} not found: put the published subj{subject:02d} folder there (see "
             "checkpoints/README.md), or pass --checkpoint PATH (a train.py output or a converted .safetensors)"
         )
-    checkpoint_layout(path, subject)
+    try:
+        resolved = resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise EvaluationError(f"--checkpoint: {e}") from None
+    checkpoint_layout(resolved, subject)
+    return resolved
+
+
+def checkpoint_brain_config(path: Path) -> dict | None:
+    """The ``brain_modules_config`` a ``train.py`` checkpoint records in its metadata (None for a checkpoint
+    without it, e.g. the published DeepSpeed folders, which use the published configuration)."""
+    from dynadiff.checkpoint import read_metadata
+    from dynadiff.models.config import FmriMLPConfig
+
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    text = read_metadata(path).get("brain_modules_config")
+    if text is None:
+        return None
+    try:
+        return FmriMLPConfig.model_validate_json(text).model_dump(mode="json")
+    except ValueError as e:  # written by another version: say so, use the configuration given
+        logger.warning("checkpoint %s: its brain_modules_config metadata is not readable by this version (%s); "
+                       "using the configuration given", path, str(e).splitlines()[0])
+        return None
 
 
 def checkpoint_layout(path: Path, subject: int, n_voxels: int | None = None) -> tuple[int | None, int, int]:
@@ -117,13 +164,32 @@ def build_decoder(cfg: ReconstructionConfig, n_voxels: int, n_subjects: int = 1)
     try:
         load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
     except CheckpointError as e:
-        subject = cfg.data.subject
-        raise EvaluationError(
-            f"checkpoint {cfg.checkpoint} does not fit subject {subject} ({n_voxels} nsdgeneral voxels) with this "
-            f"brain_modules_config; is it the checkpoint of another subject?\n{e}"
-        ) from e
+        raise EvaluationError(f"{mismatch_cause(e, n_voxels, cfg.data.subject)}\n{e}") from e
     model.eval()
     return model, device
+
+
+def mismatch_cause(error: Exception, n_voxels: int, subject: int) -> str:
+    """What a checkpoint that does not fit the model most likely is, from the shapes in the loader's error.
+
+    Only the voxel axis differing (the subject layer's input size): the checkpoint of another subject (or of
+    other data). LoRA tensors only: another lora_rank. Otherwise: another brain module configuration.
+    """
+    differing = []  # (tensor name, checkpoint's size, model's size) of each differing axis
+    for name, theirs, ours in re.findall(r"(\S+): file \(([\d, ]*)\) vs model \(([\d, ]*)\)", str(error)):
+        a, b = [[int(x) for x in dims.split(",") if x.strip()] for dims in (theirs, ours)]
+        if len(a) != len(b):
+            differing.append((name, None, None))
+        differing += [(name, x, y) for x, y in zip(a, b) if x != y]
+    if not differing:
+        return "the checkpoint does not fit this model"
+    if all(ours == n_voxels and theirs is not None for _, theirs, ours in differing):
+        return (f"the checkpoint expects {differing[0][1]} voxels per window, and subject {subject} has {n_voxels} "
+                "nsdgeneral voxels in this data: is it the checkpoint of another subject?")
+    if all(".lora_" in name for name, _, _ in differing):
+        return "the checkpoint's LoRA sizes differ from this model's: check versatilediffusion_config.lora_rank"
+    return ("the checkpoint's brain module has other sizes than brain_modules_config (hidden, n_tokens, "
+            "token_dim, n_blocks...): set them to the checkpoint's")
 
 
 def reconstruct_in_batches(model, windows: tp.Iterable[np.ndarray], batch_size: int, seed: int,
@@ -202,12 +268,24 @@ def overview_grid(gts: list[np.ndarray], recs: list[np.ndarray], n: int, tile: i
     return np.concatenate(rows, axis=0)
 
 
-def preflight(cfg: EvalConfig) -> str:
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What :func:`preflight` found: the checkpoint to read, its digest, and the brain module configuration
+    its metadata records (None: none recorded)."""
+
+    checkpoint: Path
+    digest: str
+    brain_config: dict | None
+    data_digest: str
+
+
+def preflight(cfg: EvalConfig) -> Checked:
     """Check every input before any work, so that a bad one is one clear error and nothing is written.
 
-    Returns the checkpoint's digest, for ``EvalConfig.checkpoint_digest``: a
-    checkpoint rewritten in place is then a different run (never stale results).
+    The digest is for ``EvalConfig.checkpoint_digest``: a checkpoint rewritten in
+    place is then a different run (never stale results).
     """
+    from dynadiff.cli import ConfigError, check_device_available
     from dynadiff.data.nsd import NsdDataError
     from dynadiff.metrics.suite import available_metrics
     from dynadiff.metrics.weights import MissingWeightsError
@@ -219,23 +297,42 @@ def preflight(cfg: EvalConfig) -> str:
             "--compute-miou needs the separate segmentation environment (ViT-Adapter), which this release does "
             "not set up yet; run without it"
         )
-    checkpoint = cfg.checkpoint or default_checkpoint(nsd_cfg.subject)
-    check_checkpoint(checkpoint, nsd_cfg.subject)
+    if nsd_cfg.split != "test":
+        raise EvaluationError(f"evaluation runs on the test split, got data.nsd_dataset_config.split={nsd_cfg.split!r}")
+    if cfg.infra.cluster is None and cfg.image_generation.cluster is None:  # else: the nodes' devices count
+        try:
+            check_device_available(cfg.device)
+        except ConfigError as e:
+            raise EvaluationError(str(e)) from None
+    checkpoint = check_checkpoint(cfg.checkpoint or default_checkpoint(nsd_cfg.subject), nsd_cfg.subject)
     try:
         check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(str(e)) from e
     try:
-        from dynadiff.data.dataset import list_trials
+        from dynadiff.data.dataset import data_digest
 
-        list_trials(nsd_cfg)
+        data = data_digest(nsd_cfg)
     except NsdDataError as e:
         raise EvaluationError(str(e)) from e
     try:
         available_metrics(cfg.metrics, cfg.metrics_weights)
     except MissingWeightsError as e:
         raise EvaluationError(f"{e}\n(`python -m dynadiff.metrics weights` lists what is present)") from e
-    return checkpoint_digest(checkpoint)
+    return Checked(checkpoint, checkpoint_digest(checkpoint), checkpoint_brain_config(checkpoint), data)
+
+
+def reconstruction_config(cfg: EvalConfig) -> ReconstructionConfig:
+    """The per-image generation map of an evaluation (its exca cache holds the images)."""
+    nsd_cfg = cfg.data.nsd_dataset_config
+    checkpoint = cfg.checkpoint or default_checkpoint(nsd_cfg.subject)
+    return ReconstructionConfig(
+        data=nsd_cfg, brain_modules_config=cfg.brain_modules_config,
+        versatilediffusion_config=cfg.versatilediffusion_config, checkpoint=checkpoint,
+        checkpoint_digest=cfg.checkpoint_digest or checkpoint_digest(checkpoint), data_digest=cfg.data_digest,
+        allow_missing_keys=cfg.allow_missing_keys,
+        device=cfg.device, batch_size=cfg.batch_size, infra=cfg.image_generation.infra_kwargs(folder=cfg.infra.folder),
+    )
 
 
 def run_evaluation(cfg: EvalConfig) -> dict:
@@ -248,8 +345,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     nsd_cfg = cfg.data.nsd_dataset_config
     if nsd_cfg.split != "test":
         raise EvaluationError(f"evaluation runs on the test split, got data.nsd_dataset_config.split={nsd_cfg.split!r}")
-    checkpoint = cfg.checkpoint or default_checkpoint(nsd_cfg.subject)
-    check_checkpoint(checkpoint, nsd_cfg.subject)
+    checkpoint = check_checkpoint(cfg.checkpoint or default_checkpoint(nsd_cfg.subject), nsd_cfg.subject)
     check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
     jobs_before = jobs.snapshot(nsd_cfg.infra)
     try:
@@ -258,18 +354,16 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         raise EvaluationError(jobs.failure_report(nsd_cfg.infra, "data preparation (fMRI windows)", jobs_before,
                                                   error=e)) from e
     n = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
-    gen_infra = cfg.image_generation.infra_kwargs(folder=cfg.infra.folder)
-    rec_cfg = ReconstructionConfig(
-        data=nsd_cfg, brain_modules_config=cfg.brain_modules_config,
-        versatilediffusion_config=cfg.versatilediffusion_config, checkpoint=checkpoint,
-        checkpoint_digest=cfg.checkpoint_digest or checkpoint_digest(checkpoint), allow_missing_keys=cfg.allow_missing_keys,
-        device=cfg.device, batch_size=cfg.batch_size, infra=gen_infra,
-    )
+    rec_cfg = reconstruction_config(cfg.model_copy(update={"checkpoint": checkpoint}))
     logger.info("reconstructing %d test images of subject %d (cache %s)", n, nsd_cfg.subject, rec_cfg.infra.uid_folder())
     items = list(range(n))
     if rec_cfg.infra.mode == "cached":
-        todo = len(jobs.missing_items(rec_cfg.infra, items))
-        logger.info("%d of %d images cached, %d to generate", n - todo, n, todo)
+        missing = jobs.missing_items(rec_cfg.infra, items)
+        logger.info("%d of %d images cached, %d to generate", n - len(missing), n, len(missing))
+        busy, who = jobs.in_flight_elsewhere(rec_cfg.infra, missing)
+        if busy:
+            logger.warning("%d of the images to generate are being generated by another run (%s): waiting for them, "
+                           "then they are reused, not generated twice", busy, who)
     jobs_before = jobs.snapshot(rec_cfg.infra)
     try:
         recs = [np.asarray(r) for r in rec_cfg.generate(items)]
@@ -284,12 +378,15 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # written last: present only for a finished run
+    _write_text(out / RUN_FILE, json.dumps(run_record(cfg, checkpoint, n), indent=1))
     if cfg.blur_faces:
         recs = [np.asarray(r) for r in blur_faces_batch(recs, detector=load_face_detector(resolve_device(cfg.device)))]
     gts = [load_stimulus(ds.root, ds.nsd_ids[i], GT_SIZE) for i in range(n)]
     for i in range(n):
         _save_png(recs[i], out / f"{i}.png")
         _save_png(gts[i], out / f"{i}_gt.png")
+    for stale in stray_images(out, n):  # none unless the data changed under this run
+        stale.unlink()
     import yaml
 
     _write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
@@ -300,7 +397,110 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     result["subject"] = nsd_cfg.subject
     result["averaged"] = nsd_cfg.averaged
     result["checkpoint"] = str(checkpoint)
+    result["checkpoint_digest"] = rec_cfg.checkpoint_digest
+    result["run_id"] = cfg.run_id
     result["output_dir"] = str(out)
     _write_text(out / "metrics.md", metrics_table(result))
     _write_text(out / "metrics.json", json.dumps(result, indent=1))
+    return result
+
+
+def run_record(cfg: EvalConfig, checkpoint: Path, n_images: int) -> dict:
+    """``run.json``: which run the folder's files belong to (written before them)."""
+    nsd_cfg = cfg.data.nsd_dataset_config
+    return {"run_id": cfg.run_id, "uid": cfg.infra.uid(), "subject": nsd_cfg.subject, "averaged": nsd_cfg.averaged,
+            "checkpoint": str(checkpoint), "checkpoint_digest": cfg.checkpoint_digest,
+            "data": str(nsd_cfg.nsddata_path), "data_digest": cfg.data_digest, "n_images": n_images}
+
+
+def stray_images(folder: Path, n: int) -> list[Path]:
+    """Numbered PNGs (``{i}.png``, ``{i}_gt.png``) in ``folder`` that are not among the first ``n`` images."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if _OUTPUT_PNG.fullmatch(p.name) and int(p.name.split(".")[0].split("_")[0]) >= n)
+
+
+def output_problems(cfg: EvalConfig, result: dict) -> list[str]:
+    """Why the run's output folder does not hold exactly this result's files (empty: it does)."""
+    out = cfg.output_dir
+    if not out.is_dir():
+        return [f"{out} does not exist"]
+    problems = []
+    try:
+        record = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("run_id") != cfg.run_id:
+        problems.append(f"{RUN_FILE} missing or of another run")
+    try:
+        saved = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved is None or _canonical(saved) != _canonical(json.loads(json.dumps(result))):
+        problems.append("metrics.json missing or different from the run's result")
+    n = int(result["n_images"])
+    missing = [name for i in range(n) for name in (f"{i}.png", f"{i}_gt.png") if not (out / name).is_file()]
+    if missing:
+        problems.append(f"{len(missing)} image file(s) missing (e.g. {missing[0]})")
+    stray = stray_images(out, n)
+    if stray:
+        problems.append(f"{len(stray)} image file(s) of no image of this run (e.g. {stray[0].name})")
+    problems += [f"{name} missing" for name in ("config.yaml", "metrics.md") if not (out / name).is_file()]
+    return problems
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)  # NaN -> "NaN": equal to itself, unlike the float
+
+
+def latest_link(cfg: EvalConfig) -> Path:
+    """``{cache}/reconstructions_subjXX_{mode}``: the original's output place, a link to the latest run's folder."""
+    return cfg.output_dir.with_name(cfg.output_dir.name.rsplit("_", 1)[0])
+
+
+def point_latest_link(cfg: EvalConfig) -> Path | None:
+    """Point :func:`latest_link` at this run's folder (atomically); None, with a warning, where it cannot."""
+    link, target = latest_link(cfg), cfg.output_dir
+    if link.exists() and not link.is_symlink():
+        logger.warning("%s is a folder (an earlier version of dynadiff wrote its outputs there, or you made it): "
+                       "left as it is; this run's outputs are in %s", link, target)
+        return None
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        logger.warning("could not point %s at %s (%s)", link, target, e.strerror or e)
+        return None
+    return link
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """``cfg.run()`` (cached by exca), with its outputs guaranteed to be the reported run's.
+
+    - One run at a time per output folder: a second process with the same run waits for
+      the first (then reports its cached result) instead of redoing and rewriting it.
+    - A cached result whose folder no longer matches it (files deleted, edited, left by
+      a crash) is computed again from the image cache, and its files rewritten.
+    - The latest-run link is pointed at the folder.
+    """
+    from dynadiff.files import exclusive
+
+    out = cfg.output_dir
+    with exclusive(out.with_name(f".{out.name}.lock"), f"the output folder {out} (same run)"):
+        result = cfg.run()
+        problems = output_problems(cfg, result)
+        if problems:
+            logger.warning("the outputs in %s do not match this run's cached result (%s): writing them again from the "
+                           "image cache", out, "; ".join(problems))
+            cfg.infra.clear_job()
+            result = cfg.run()
+            problems = output_problems(cfg, result)
+            if problems:
+                raise EvaluationError(f"the outputs in {out} do not match the run's result after writing them: "
+                                      f"{'; '.join(problems)}")
+    link = point_latest_link(cfg)
+    if link is not None:
+        result = dict(result, latest_link=str(link))
     return result

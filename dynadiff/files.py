@@ -1,10 +1,16 @@
-"""Atomic file writes: a crash never leaves a half-written file under its final name."""
+"""Atomic file writes (a crash never leaves a half-written file under its final name) and an exclusive lock."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import typing as tp
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -24,3 +30,39 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str) -> tp.Iterator[None]:
+    """An exclusive advisory lock (``flock``) on the file ``path`` for the block; ``what`` names what it guards.
+
+    Another process holding it: say who (pid, host, since when, as it wrote in the file) and wait for it. The
+    kernel releases the lock when its holder exits or dies, so there is no stale lock to clean. A file system
+    without ``flock`` (some network ones): a warning, and the block runs unguarded.
+    """
+    import fcntl
+    import socket
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                logger.warning("%s is in use by %s: waiting for it to finish (Ctrl-C to stop waiting)", what, holder)
+                fcntl.flock(f, fcntl.LOCK_EX)
+                logger.info("%s is free: continuing", what)
+        except OSError as e:  # ENOLCK, EOPNOTSUPP...: no locks on this file system
+            logger.warning("cannot lock %s (%s): a second run on it at the same time would not be noticed", path,
+                           e.strerror or e)
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield

@@ -156,6 +156,35 @@ def missing_items(infra, items: tp.Sequence) -> list:
     return [item for item in items if uid(item) not in cache]
 
 
+def in_flight_elsewhere(infra, items: tp.Sequence) -> tuple[int, str]:
+    """(how many of ``items`` another live process or job is computing now, who): exca's advisory registry of
+    in-flight items, which makes this process wait for them and reuse their results. (0, "") when none."""
+    folder = infra.uid_folder()
+    if folder is None or not (Path(folder) / "inflight.db").exists():
+        return 0, ""
+    try:
+        from exca.cachedict.inflight import InflightRegistry
+
+        reg = InflightRegistry(folder)
+        try:
+            uid = infra.item_uid
+            claimed = reg.get([uid(item) for item in items])
+        finally:
+            reg.close()
+        alive = {k: w for k, w in claimed.items() if w.is_alive()}
+    except Exception as e:  # noqa: BLE001 - advisory: a registry we cannot read is no reason to fail
+        logger.debug("in-flight registry of %s unreadable: %s", folder, e)
+        return 0, ""
+    who = sorted({_worker_name(w.liveness) for w in alive.values()})
+    return len(alive), ", ".join(who[:3]) + (", ..." if len(who) > 3 else "")
+
+
+def _worker_name(liveness) -> str:
+    if hasattr(liveness, "pid") and hasattr(liveness, "host"):
+        return f"process {liveness.pid} on {liveness.host}"
+    return f"job {liveness}"
+
+
 def failure_report(infra, what: str, before: set[str], items: tp.Sequence | None = None,
                    error: BaseException | None = None, noun: str = "item") -> str:
     """Describe the jobs this run submitted (those not in ``before``), once they have all finished.

@@ -32,3 +32,35 @@ def synthetic_nsd(tmp_path_factory):
     info = write_synthetic_nsd(root, subjects=(1,), seed=0)
     prepare_stimuli(root, images="all", subjects=(1,), workers=1)
     return root, info
+
+
+@pytest.fixture(scope="session")
+def eval_setup(synthetic_nsd, tmp_path_factory):
+    """What eval.py needs on the mini-NSD: a tiny VD, two checkpoints of subject 1 (``ckpt``, ``ckpt_b``: other
+    weights) and one of a model with 7 voxels fewer (``other``), saved through the real save path; ``base``:
+    the eval.py arguments that use them (no metric weights: ``env`` points the weight folders at an empty one)."""
+    import torch
+
+    from dynadiff.checkpoint import save_checkpoint
+    from dynadiff.models.config import FmriMLPConfig, VersatileDiffusionConfig
+    from dynadiff.models.tiny import write_tiny_vd
+
+    nsd, info = synthetic_nsd
+    root = tmp_path_factory.mktemp("eval")
+    vd = write_tiny_vd(root / "vd")
+    vd_cfg = VersatileDiffusionConfig(vd_cache_dir=vd, image_size=64)
+    n_voxels = info["n_voxels"][1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ckpt = save_checkpoint(vd_cfg.build(FmriMLPConfig(hidden=32), n_voxels=n_voxels), root / "subj01.safetensors")
+        ckpt_b = save_checkpoint(vd_cfg.build(FmriMLPConfig(hidden=32), n_voxels=n_voxels), root / "subj01_b.safetensors")
+        other = save_checkpoint(vd_cfg.build(FmriMLPConfig(hidden=32), n_voxels=n_voxels - 7),
+                                root / "other_subject.safetensors")
+    empty = root / "no_weights"
+    empty.mkdir()
+    env = dict(os.environ, TORCH_HOME=str(empty), DYNADIFF_WEIGHTS=str(empty), OMP_NUM_THREADS="1")
+    base = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--batch-size", "2",
+            f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
+            "versatilediffusion_config.image_size=64", "versatilediffusion_config.num_inference_steps=2"]
+    return {"root": root, "nsd": nsd, "vd": vd, "ckpt": ckpt, "ckpt_b": ckpt_b, "other": other, "env": env,
+            "base": base, "n_voxels": n_voxels}

@@ -39,3 +39,24 @@ def started(cmd: list[str], env: dict) -> tp.Iterator[subprocess.Popen]:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def eval_command(setup: dict, cache: Path, *extra: str, checkpoint: Path | None = None) -> list[str]:
+    """The ``eval.py`` command line on the ``eval_setup`` fixture's data, tiny VD and checkpoint (``setup["ckpt"]``
+    unless ``checkpoint``)."""
+    return [sys.executable, str(REPO / "eval.py"), *setup["base"], "--cache", str(cache),
+            "--checkpoint", str(checkpoint or setup["ckpt"]), *extra]
+
+
+def run_eval(setup: dict, cache: Path, *extra: str, checkpoint: Path | None = None, wait: bool = True):
+    """:func:`eval_command` in a subprocess: the finished ``CompletedProcess``, or with ``wait=False`` the running
+    ``Popen``."""
+    cmd = eval_command(setup, cache, *extra, checkpoint=checkpoint)
+    if not wait:
+        return subprocess.Popen(cmd, env=setup["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=setup["env"], capture_output=True, text=True, timeout=600)
+
+
+def generated(stderr: str) -> int:
+    """Images an eval.py run generated, from its log (0 when it generated none)."""
+    return sum(int(line.split("generating ")[1].split()[0]) for line in stderr.splitlines() if "generating " in line)

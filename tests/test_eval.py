@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from scripts import load_script
+from scripts import generated, load_script, run_eval
 
 REPO = Path(__file__).resolve().parents[1]
 N_LIMIT = 6
@@ -23,44 +23,20 @@ def _load_eval_module():
 
 
 @pytest.fixture(scope="module")
-def setup(synthetic_nsd, tmp_path_factory):
-    from dynadiff.checkpoint import save_checkpoint
-    from dynadiff.models.config import FmriMLPConfig, VersatileDiffusionConfig
-    from dynadiff.models.tiny import write_tiny_vd
-
-    nsd, info = synthetic_nsd
-    root = tmp_path_factory.mktemp("eval")
-    vd = write_tiny_vd(root / "vd")
-    vd_cfg = VersatileDiffusionConfig(vd_cache_dir=vd, image_size=64)
-    model = vd_cfg.build(FmriMLPConfig(hidden=32), n_voxels=info["n_voxels"][1])
-    ckpt = save_checkpoint(model, root / "subj01.safetensors")
-    other = save_checkpoint(vd_cfg.build(FmriMLPConfig(hidden=32), n_voxels=info["n_voxels"][1] - 7),
-                            root / "other_subject.safetensors")
-    empty = root / "no_weights"
-    empty.mkdir()
-    env = dict(os.environ, TORCH_HOME=str(empty), DYNADIFF_WEIGHTS=str(empty), OMP_NUM_THREADS="1")
-    base = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--batch-size", "2",
-            f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
-            "brain_modules_config.hidden=32", "versatilediffusion_config.image_size=64",
-            "versatilediffusion_config.num_inference_steps=2"]
-    return {"root": root, "nsd": nsd, "vd": vd, "ckpt": ckpt, "other": other, "env": env, "base": base}
+def setup(eval_setup):
+    return eval_setup
 
 
 def _run(setup, cache, *extra, checkpoint=None, wait=True):
-    cmd = [sys.executable, str(REPO / "eval.py"), *setup["base"], "--cache", str(cache),
-           "--checkpoint", str(checkpoint or setup["ckpt"]), *extra]
-    if not wait:
-        return subprocess.Popen(cmd, env=setup["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=setup["env"], capture_output=True, text=True, timeout=600)
+    return run_eval(setup, cache, *extra, checkpoint=checkpoint, wait=wait)
 
 
 def _out(cache):
-    return Path(cache) / "reconstructions_subj01_unaveraged"
+    return Path(cache) / "reconstructions_subj01_unaveraged"  # the link to the latest run's folder
 
 
 def _generated(stderr: str) -> int:
-    """Images the run generated, from its log (0 when it generated none)."""
-    return sum(int(line.split("generating ")[1].split()[0]) for line in stderr.splitlines() if "generating " in line)
+    return generated(stderr)
 
 
 def test_end_to_end_outputs_cache_and_invalidation(setup, tmp_path):
@@ -170,7 +146,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, caplog):
     code, log = run("--vd_cache_dir", str(tmp_path / "novd"))
     assert code == 1 and "Versatile Diffusion folder" in log and "novd does not exist" in log
     code, log = run(f"data.nsd_dataset_config.nsddata_path={tmp_path / 'nonsd'}")
-    assert code == 1 and "NSD file(s) missing" in log and "prepare_data.py" in log
+    assert code == 1 and "the NSD folder" in log and "nonsd does not exist" in log and "prepare_data.py" in log
     code, log = run("data.nsd_dataset_config.subject=3")
     assert code == 2 and "unknown subject 3" in log
     code, log = run("versatilediffusion_config.num_steps=3")
@@ -182,7 +158,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, caplog):
         eval_cli.parse_args(["--subject", "3"])
     assert exit_info.value.code == 2
     code, log = run(checkpoint=setup["other"])
-    assert code == 1 and "does not fit subject 1" in log and "another subject" in log
+    assert code == 1 and "and subject 1 has" in log and "another subject" in log
     assert not (_out(tmp_path / "cache") / "metrics.json").exists()
 
     # a corrupt image cache entry: a clear error, no metrics written

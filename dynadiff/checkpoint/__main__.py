@@ -8,11 +8,13 @@ import re
 import sys
 from pathlib import Path
 
-from dynadiff.checkpoint.io import convert, read_metadata, read_state_dict, strip_wrapper_prefixes
+from dynadiff.checkpoint.io import (CheckpointError, convert, read_metadata, read_state_dict, resolve_checkpoint,
+                                   strip_wrapper_prefixes)
 from dynadiff.checkpoint.zero import DEFAULT_TAG
 
 
 def _inspect(path: Path, tag: str) -> None:
+    path = resolve_checkpoint(path, tag)  # a folder holding model.safetensors: that file; a bad file: one line
     state = strip_wrapper_prefixes(read_state_dict(path, tag))
     groups: dict[str, list[str]] = {"brain module": [], "LoRA, image stack": [], "LoRA, text stack": [], "LoRA, other": [], "other": []}
     for key in state:
@@ -53,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "convert":
+            if args.src.is_file():
+                kind = "a .safetensors file already" if args.src.suffix == ".safetensors" else "a file"
+                raise CheckpointError(
+                    f"convert reads a DeepSpeed checkpoint folder (e.g. checkpoints/subj01); {args.src} is {kind}: "
+                    f"`python -m dynadiff.checkpoint inspect {args.src}` lists what it holds, and eval.py "
+                    "--checkpoint reads it as it is")
             counts = convert(args.src, args.dst, tag=args.tag, include_frozen=args.include_frozen)
             print(
                 f"wrote {args.dst}: {counts['written']} tensors ({counts['trainable']} trained parameters, "
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             _inspect(args.path, args.tag)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

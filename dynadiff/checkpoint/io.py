@@ -16,14 +16,15 @@ import json
 import logging
 import re
 import typing as tp
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dynadiff.checkpoint.safe_load import safe_torch_load
-from dynadiff.checkpoint.zero import DEFAULT_TAG, read_zero_checkpoint
+from dynadiff.checkpoint.zero import DEFAULT_TAG, MODEL_STATES, read_zero_checkpoint, resolve_zero_folder
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,99 @@ _LIST_LIMIT = 20
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model (missing trainable weights, wrong shapes)."""
+    """A checkpoint cannot be read (missing, truncated, another format) or does not fit the model (missing
+    trainable weights, wrong shapes)."""
+
+
+MODEL_FILE = "model.safetensors"  # what train.py writes in checkpoints/{best,last}/
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_KINDS = (f"a DeepSpeed checkpoint folder (the published subjXX folders: {DEFAULT_TAG}/{MODEL_STATES} and "
+          f"the optimizer shards), a {MODEL_FILE} file or a folder holding one (train.py's checkpoints/best or "
+          f"checkpoints/last), or a .safetensors file written by `python -m dynadiff.checkpoint convert`")
+
+
+def resolve_checkpoint(path: str | Path, tag: str = DEFAULT_TAG) -> Path:
+    """The checkpoint that ``path`` names, checked enough that reading it cannot fail on its form.
+
+    - a DeepSpeed ZeRO folder (``path``, ``path/tag`` or the tag named by ``path/latest``
+      holds ``mp_rank_00_model_states.pt``): ``path``, every ``.pt`` of its tag folder
+      checked to be a complete torch zip file;
+    - a folder holding ``model.safetensors`` (or a single ``.safetensors`` file): that file;
+    - a ``.safetensors`` file: itself, its header read and its size checked against it;
+    - a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``): itself, its zip directory checked.
+
+    Anything else is a :class:`CheckpointError` that says what ``path`` is and what was expected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _resolve_folder(path, tag)
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+        return path
+    if path.suffix in TORCH_SUFFIXES:
+        _check_torch_zip(path)
+        return path
+    raise CheckpointError(f"checkpoint {path} is a file of an unknown kind (suffix {path.suffix!r}): give {_KINDS}")
+
+
+def _resolve_folder(path: Path, tag: str) -> Path:
+    try:
+        zero = resolve_zero_folder(path, tag)
+    except FileNotFoundError:
+        zero = None
+    if zero is not None:
+        for f in sorted(zero.glob("*.pt")):
+            _check_torch_zip(f)
+        return path
+    if (path / MODEL_FILE).is_file():
+        check_safetensors(path / MODEL_FILE)
+        logger.info("checkpoint %s: reading %s", path, path / MODEL_FILE)
+        return path / MODEL_FILE
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        check_safetensors(found[0])
+        logger.info("checkpoint %s: reading %s", path, found[0])
+        return found[0]
+    if found:
+        raise CheckpointError(f"checkpoint folder {path} holds several .safetensors files "
+                              f"({', '.join(f.name for f in found)}): pass the one to use")
+    runs = [path / "checkpoints" / kind / MODEL_FILE for kind in ("best", "last")]
+    if any(r.is_file() for r in runs):
+        raise CheckpointError(
+            f"{path} is a train.py run folder, not a checkpoint: pass {runs[0]} (lowest validation loss) or "
+            f"{runs[1]} (last step)")
+    entries = sorted(p.name for p in path.iterdir())
+    what = "is empty" if not entries else (
+        f"holds no checkpoint ({len(entries)} entries: {', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})")
+    raise CheckpointError(f"checkpoint folder {path} {what}: give {_KINDS}")
+
+
+def check_safetensors(path: str | Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file whose header is readable and whose size matches it (safetensors
+    checks that the tensors cover the file exactly); :class:`CheckpointError` for a truncated or foreign file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is not a readable .safetensors file (truncated, or another "
+                              f"format?): {_first_line(e)}") from None
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A torch file saved by ``torch.save`` is a zip: a truncated one has no central directory."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint file {path} is not a complete torch file (truncated, or another "
+                              f"format?): {_first_line(e)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclasses.dataclass
@@ -128,7 +221,9 @@ def read_state_dict(path: str | Path, tag: str = DEFAULT_TAG) -> dict[str, torch
             "`python -m dynadiff.checkpoint convert` or dynadiff.checkpoint.save_checkpoint"
         )
     if path.suffix == ".safetensors":
+        check_safetensors(path)
         return load_file(path)
+    _check_torch_zip(path)
     obj = safe_torch_load(path)
     for key in ("state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -140,9 +235,8 @@ def read_state_dict(path: str | Path, tag: str = DEFAULT_TAG) -> dict[str, torch
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a ``.safetensors`` checkpoint."""
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    """The string metadata of a ``.safetensors`` checkpoint (:class:`CheckpointError` if it is unreadable)."""
+    return check_safetensors(path)
 
 
 def load_checkpoint(model: torch.nn.Module, source: str | Path | tp.Mapping[str, torch.Tensor], *,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,7 +112,8 @@ def test_eval_reconstructs_each_subject_of_a_multi_subject_checkpoint_through_it
     load_checkpoint(fresh, checkpoint)
     for subject, layer, command in ((2, 0, commands[0]), (1, 1, commands[1])):
         result = script.build_config(script.parse_args(shlex.split(command)[2:] + extra)).run()
-        out = tmp_path / "eval" / f"reconstructions_subj{subject:02d}_unaveraged"
+        out = Path(result["output_dir"])
+        assert out.parent == tmp_path / "eval" and out.name.startswith(f"reconstructions_subj{subject:02d}_unaveraged_")
         got = np.stack([np.asarray(Image.open(out / f"{i}.png")) for i in range(2)])
         assert result["n_images"] == 2
 
