@@ -81,9 +81,20 @@ def test_pixelation_block_layout():
 
 
 def test_pil_in_pil_out():
-    img = Image.fromarray(np.full((30, 30, 3), 7, np.uint8))
-    out = faces.pixelate_boxes(img, [(1.0, 1.0, 9.0, 9.0)])
-    assert isinstance(out, Image.Image) and out.size == (30, 30)
+    """A PIL image is pixelated exactly like its array: the box's region becomes the mosaic, nothing else moves."""
+    arr = np.random.default_rng(2).integers(0, 256, size=(30, 41, 3), dtype=np.uint8)  # H != W: no axis mix-up
+    box = (3.0, 5.0, 13.0, 21.0)
+    out = faces.pixelate_boxes(Image.fromarray(arr), [box])
+    assert isinstance(out, Image.Image) and out.size == (41, 30) and out.mode == "RGB"
+    got = np.asarray(out)
+    np.testing.assert_array_equal(got, faces.pixelate_boxes(arr, [box]))
+    x0, y0, x1, y1 = _region(box, 41, 30)  # margin 1.6 px: columns 1..14, rows 3..22
+    assert (x0, y0, x1, y1) == (1, 3, 15, 23)
+    inside = np.zeros((30, 41), bool)
+    inside[y0:y1, x0:x1] = True
+    np.testing.assert_array_equal(got[~inside], arr[~inside])
+    assert np.abs(got[y0:y1, x0:x1].astype(np.float64) - _mosaic(arr[y0:y1, x0:x1])).max() <= 1.0
+    assert np.abs(got[inside].astype(int) - arr[inside]).mean() > 20  # random pixels vs their block means
 
 
 # ----------------------------------------------------------------------------- detection
@@ -118,6 +129,15 @@ def test_no_face_no_change(detector):
     for img in (coffee, texture):
         assert faces.detect_faces(img, detector=detector) == []
         np.testing.assert_array_equal(faces.blur_faces(img, detector=detector), img)
+
+
+def test_pil_photograph_is_blurred_like_its_array(detector):
+    img = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((256, 256)))
+    want = faces.blur_faces(img, detector=detector)
+    assert (want != img).any()  # a face was found and pixelated
+    out = faces.blur_faces(Image.fromarray(img), detector=detector)
+    assert isinstance(out, Image.Image)
+    np.testing.assert_array_equal(np.asarray(out), want)
 
 
 def test_batch_matches_single(detector):

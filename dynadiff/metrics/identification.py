@@ -37,7 +37,13 @@ def _rows(x: Features, device: torch.device | str, what: str) -> torch.Tensor:
 
 
 def standardize_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows centred and scaled to unit norm, so that ``a @ b.T`` is Pearson r."""
+    """Rows centred and scaled to unit norm, so that ``a @ b.T`` is Pearson r; a constant row gives NaN.
+
+    Each row is first shifted by its first element (r does not change): a constant row
+    becomes exactly 0, so its norm is 0 and 0/0 is NaN. Centring it directly would leave
+    the rounding error of its mean (e.g. twelve values 0.7), scaled up to a constant
+    row ±1/sqrt(D) that correlates at about 0 with anything instead of NaN."""
+    x = x - x[:, :1]
     x = x - x.mean(dim=1, keepdim=True)
     return x / x.norm(dim=1, keepdim=True)
 

@@ -65,12 +65,46 @@ def test_alexnet_layers(weights_config, weight_files, images_factory):
     torch.testing.assert_close(feats["alexnet5"], layer11.flatten(1))
 
 
+def _resized_pixels(images) -> np.ndarray:
+    """(N, 3, 224, 224) float32 in [0, 1]: PIL's bilinear resize (what torchvision's antialiased resize of a PIL
+    image calls), written out here independently of feature_input."""
+    x = np.stack([np.asarray(Image.fromarray(img).resize((224, 224), Image.Resampling.BILINEAR)) for img in images])
+    return x.transpose(0, 3, 1, 2).astype(np.float32) / 255
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
 def test_inception_avgpool_with_transform_input(weights_config, weight_files, images_factory):
+    """Features equal an Inception-v3 forward written out here from the same weights file: ImageNet normalisation
+    followed by ``transform_input`` (which undoes it channel by channel) feeds the network (p - 0.5) / 0.5 of the
+    224x224 pixels p; then the stem, the Mixed blocks and the mean over the 5x5 map (avgpool, 2048)."""
+    from torchvision import models
+
     net = load_network("inception", weights_config)
     assert net.module.transform_input is True
     _check_loaded(net.module, weight_files["inception"])
-    feats = extract_features(images_factory(2, 30, 30), net)
+    images = images_factory(2, 30, 41)
+    feats = extract_features(images, net)
     assert feats["inception"].shape == (2, 2048)
+
+    ref = models.inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=False)
+    ref.load_state_dict(torch.load(weight_files["inception"], weights_only=True))
+    ref.eval()
+    x = torch.from_numpy((_resized_pixels(images) - 0.5) / 0.5)
+    with torch.no_grad():
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+            x = getattr(ref, name)(x)
+        assert x.shape == (2, 2048, 5, 5)  # 224 px input (299 would give 8x8)
+        want = x.mean(dim=(2, 3))
+    # float32 rounding of the two input paths (normalise then undo, vs (p - 0.5) / 0.5: ~1e-7 each) gives
+    # ~3e-7 relative after ~50 layers (measured); a wrong mean, std or size moves the features by > 1e-3
+    assert _relative_error(feats["inception"], want) < 1e-4
+    # the images' features differ (random stand-in weights shrink them to ~1e-8, hence relative errors)
+    assert _relative_error(feats["inception"][0], feats["inception"][1]) > 0.1
 
 
 def test_effnet_avgpool(weights_config, weight_files, images_factory):
@@ -88,8 +122,31 @@ def test_swav_from_hub_checkpoint_layout(weights_config, weight_files, images_fa
     net = load_network("swav", weights_config)
     _check_loaded(net.module, weight_files["swav"], prefix="module.")
     assert isinstance(net.module.fc, torch.nn.Identity)
-    feats = extract_features(images_factory(2, 30, 30), net)
+    images = images_factory(2, 30, 41)
+    feats = extract_features(images, net)
     assert feats["swav"].shape == (2, 2048)
+    # a ResNet-50 forward written out here from the checkpoint's trunk: ImageNet normalisation of the 224x224
+    # pixels, stem, the 4 stages, mean over the 7x7 map (avgpool)
+    from torchvision import models
+
+    ref = models.resnet50(weights=None)
+    state = torch.load(weight_files["swav"], weights_only=True)
+    trunk = {k[len("module."):]: v for k, v in state.items() if not k.startswith(("module.projection_head",
+                                                                                  "module.prototypes"))}
+    missing = ref.load_state_dict(trunk, strict=False).missing_keys
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+    ref.eval()
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
+    x = torch.from_numpy((_resized_pixels(images) - mean) / std)
+    with torch.no_grad():
+        x = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        x = ref.layer4(ref.layer3(ref.layer2(ref.layer1(x))))
+        assert x.shape == (2, 2048, 7, 7)
+        want = x.mean(dim=(2, 3))
+    # the same arithmetic as feature_input up to float32 rounding: ~3e-7 relative (measured)
+    assert _relative_error(feats["swav"], want) < 1e-4
+    assert _relative_error(feats["swav"][0], feats["swav"][1]) > 0.1
 
 
 def test_swav_with_a_missing_key_is_an_error(weight_files, tmp_path):

@@ -96,3 +96,55 @@ def test_bad_inputs_are_errors():
         two_way_identification(feats, feats, "mindeye")
     with pytest.raises(ValueError, match="feature sizes differ"):
         two_way_identification(feats, feats[:, :3])
+
+
+# ±1 rows of zero mean, pairwise orthogonal: standardised, their entries are ±1/2 (D = 4), so every r below is
+# computed exactly (products ±1/4) and equal r's are equal bit for bit.
+U1, U2, U3 = np.array([1.0, 1, -1, -1]), np.array([1.0, -1, 1, -1]), np.array([1.0, -1, -1, 1])
+
+
+@pytest.mark.parametrize("level", [5.0, 0.7], ids=["exact-mean", "inexact-mean"])
+def test_constant_reconstruction_fails_every_comparison(level, caplog):
+    """A constant reconstruction has NaN correlations: every comparison involving it fails (not r = 0).
+
+    Features repeat the 4-vectors 3 times (D = 12). The mean of twelve 0.7 is not exactly 0.7 in float64: a
+    row centred by its mean alone keeps that rounding error and correlates at 0 instead of NaN."""
+    gts = np.stack([np.tile(u, 3) for u in (U1, U2, U3)])
+    recs = np.stack([np.full(12, level), np.tile(U2, 3), np.tile(2 * U3 - U1 - U2, 3)])
+    # r (rows: reconstructions, columns: ground truths), from the coefficients on the orthogonal U's:
+    #   rec 0: NaN    NaN    NaN
+    #   rec 1: 0      1      0
+    #   rec 2: -1/√6  -1/√6  2/√6
+    r = pearson_matrix(recs, gts).numpy()
+    assert np.isnan(r[0]).all()
+    np.testing.assert_allclose(r[1:], [[0, 1, 0], np.array([-1, -1, 2]) / np.sqrt(6)], atol=1e-12)
+    # per ground truth j: the other reconstructions i with r[i, j] < r[j, j]
+    #   gt 0: r[0, 0] is NaN -> both comparisons fail                      -> 0
+    #   gt 1: rec 0 NaN fails; rec 2: -1/√6 < 1 wins                        -> 1/2
+    #   gt 2: rec 0 NaN fails; rec 1: 0 < 2/√6 wins                         -> 1/2
+    # (NaN read as r = 0 would give [1/2, 1, 1]: rec 2's -1/√6 < 0 and 0 < 1, 0 < 2/√6.)
+    with caplog.at_level("WARNING", logger="dynadiff.metrics.identification"):
+        per_gt = two_way_identification(recs, gts, "per_ground_truth")
+    np.testing.assert_array_equal(per_gt, [0.0, 0.5, 0.5])
+    assert "3 NaN correlations (constant features), counted as failures" in caplog.text
+    # per reconstruction i: the other ground truths j with r[i, j] < r[i, i]
+    #   rec 0: NaN -> 0; rec 1: 0 < 1 twice -> 1; rec 2: -1/√6 < 2/√6 twice -> 1
+    np.testing.assert_array_equal(two_way_identification(recs, gts, "per_reconstruction"), [0.0, 1.0, 1.0])
+    # a constant ground truth, scored per reconstruction (the lists swapped): the same failures
+    np.testing.assert_array_equal(two_way_identification(gts, recs, "per_reconstruction"), [0.0, 0.5, 0.5])
+
+
+def test_exact_ties_count_as_failures():
+    """r[i, j] == r[j, j] is not a win (the original's strict ``<``)."""
+    gts = np.stack([U1, U2, U3])
+    recs = np.stack([U1, U1, U3])  # reconstruction 1 duplicates reconstruction 0
+    # r: rec 0: [1, 0, 0]; rec 1: [1, 0, 0]; rec 2: [0, 0, 1] (exact: entries ±1/2, products ±1/4)
+    np.testing.assert_array_equal(pearson_matrix(recs, gts).numpy(), [[1, 0, 0], [1, 0, 0], [0, 0, 1]])
+    # per ground truth:
+    #   gt 0: rec 1 ties (1 vs 1) fails; rec 2: 0 < 1 wins          -> 1/2
+    #   gt 1: r[1, 1] = 0; rec 0 ties (0), rec 2 ties (0)           -> 0
+    #   gt 2: rec 0: 0 < 1 wins; rec 1: 0 < 1 wins                  -> 1
+    np.testing.assert_array_equal(two_way_identification(recs, gts, "per_ground_truth"), [0.5, 0.0, 1.0])
+    # per reconstruction:
+    #   rec 0: 0 < 1 twice -> 1; rec 1: r[1, 1] = 0: 1 < 0 fails, 0 < 0 ties -> 0; rec 2: 0 < 1 twice -> 1
+    np.testing.assert_array_equal(two_way_identification(recs, gts, "per_reconstruction"), [1.0, 0.0, 1.0])

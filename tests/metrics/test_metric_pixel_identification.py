@@ -35,3 +35,16 @@ def test_identical_images_identify_perfectly_and_errors(images_factory):
     np.testing.assert_array_equal(pixel_identification(imgs, imgs), np.ones(4))
     with pytest.raises(ValueError, match="must pair up"):
         pixel_identification(imgs, imgs[:3])
+
+
+def test_a_constant_reconstruction_fails_every_comparison(images_factory):
+    """A flat grey reconstruction (37/255 everywhere: its float64 mean over 425x425x3 pixels is not exactly 37/255)
+    has NaN correlations, and every comparison involving it fails; the others are identical to their ground truths.
+
+    per ground truth: gt 0 (its reconstruction is flat) 0; gt k > 0: wins over the 2 other real reconstructions
+    (r < 1), fails against the flat one -> 2/3. Per reconstruction: flat 0, the others beat every other ground
+    truth -> 1."""
+    gts = images_factory(4, 20, 24, seed=9)
+    recs = [np.full((20, 24, 3), 37, np.uint8)] + gts[1:]
+    np.testing.assert_array_equal(pixel_identification(recs, gts), [0, 2 / 3, 2 / 3, 2 / 3])
+    np.testing.assert_array_equal(pixel_identification(recs, gts, "per_reconstruction"), [0, 1, 1, 1])

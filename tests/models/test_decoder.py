@@ -164,6 +164,30 @@ def test_default_seed_gives_every_image_the_same_initial_noise(tiny_model):
     torch.testing.assert_close(out[0], out[1], atol=2e-5, rtol=1e-5)
 
 
+def test_reconstruct_of_a_model_in_train_mode_samples_in_eval_mode(vd_config_factory, randomise_trainable, brain_batch):
+    """train.py's sample grids call reconstruct on the model it trains: no dropout (brain module, its blocks, LoRA)
+    may reach the images, and the model goes back to the mode it was in."""
+    from dynadiff.models import build_model
+
+    brain_config = FmriMLPConfig(hidden=16, n_blocks=1, dropout=0.9, block_dropout=0.9)
+    torch.manual_seed(0)
+    m = build_model(vd_config_factory(lora_dropout=0.9), brain_config, n_voxels=23, n_subjects=2, n_timepoints=6)
+    randomise_trainable(m, 3)
+    brain, subject_idx = brain_batch[0][:2], brain_batch[1][:2]
+    assert not m.training
+    want = m.reconstruct(brain, subject_idx, seed=4)
+    assert not m.training
+    m.train()
+    with torch.no_grad():  # the dropout is large enough to change the conditioning (else this test proves nothing)
+        dropped, kept = m.encode_brain(brain, subject_idx), m.eval().encode_brain(brain, subject_idx)
+    assert (dropped - kept).norm() > 0.1 * kept.norm()
+    m.train()
+    torch.manual_seed(1)  # dropout masks come from the global generator: reconstruct must not draw any
+    got = m.reconstruct(brain, subject_idx, seed=4)
+    assert m.training and all(mod.training for mod in m.modules())
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++"])
 def test_other_schedulers(tiny_model, brain_batch, scheduler):
     brain, subject_idx = brain_batch
