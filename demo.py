@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     except FileExistsError as e:
         logger.error("%s", e)
         return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted: %s is incomplete; run the same command again (the demo starts over in it)",
+                     args.output)
+        return 130
     print()
     print(comparison_table(report))
     times = report["times_s"]

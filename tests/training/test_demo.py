@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,24 @@ def _script(name: str):
     return load_script(name)
 
 
-def test_fast_demo_trains_a_checkpoint_that_eval_loads(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory):
+    """demo.py --fast, run once: (its output folder, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("fast_demo") / "demo"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert _script("demo").main(["--fast", "--output", str(out)]) == 0
+    return out, stdout.getvalue()
+
+
+def test_fast_demo_trains_a_checkpoint_that_eval_loads(fast_demo):
     from dynadiff.checkpoint import load_checkpoint, read_metadata
     from dynadiff.models import vd
 
-    out = tmp_path / "demo"
-    assert _script("demo").main(["--fast", "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
+    out, printed = fast_demo
     report = json.loads((out / "demo_results.json").read_text())
     trained, untrained = report["trained"], report["untrained"]
     ckpt = Path(report["train_summary"]["best_checkpoint"])
@@ -75,3 +87,47 @@ def test_pixel_identification_of_the_demo_reads_eval_outputs(tmp_path):
         Image.fromarray(gts[(i + 1) % 4] if i == 3 else g).save(tmp_path / f"{i}.png")  # 3 right, 1 wrong
     score = pixel_identification_from_folder(tmp_path, 4, "per_ground_truth")
     assert 0.5 < score < 1.0
+
+
+def test_the_printed_eval_command_reevaluates_the_demo_checkpoint(fast_demo, tmp_path):
+    """demo.py prints the eval.py command of its trained decoder's evaluation: pasted as is, from another
+    directory, it runs, finds every image cached and reports the demo's metrics for the demo's folder."""
+    import shlex
+    import subprocess
+
+    from scripts import generated
+
+    out, printed = fast_demo
+    command = printed.split("Re-evaluate the trained decoder")[1].splitlines()[1].strip()
+    report = json.loads((out / "demo_results.json").read_text())
+    assert command == report["eval_command"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(shlex.split(command), cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert generated(proc.stderr) == 0
+    trained = report["trained"]
+    assert f"Reconstructions and metrics of run {trained['run_id']}: {trained['output_dir']}" in proc.stdout
+    assert f"| PixCorr | {trained['means']['pixcorr']:.4f} |" in proc.stdout
+    assert not list(elsewhere.iterdir())  # nothing written where it was pasted
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from scripts import started
+
+    out = tmp_path / "demo"
+    with started([sys.executable, str(REPO / "demo.py"), "--fast", "--output", str(out)], dict(os.environ)) as proc:
+        deadline = time.time() + 120
+        while not (out / "nsddata" / "synthetic.json").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"interrupted: {out} is incomplete; run the same command again" in err
