@@ -3,6 +3,7 @@
     python train.py --subject 1 [--output runs/subj01] [KEY=VALUE ...]
     python train.py --subjects 1 2 5 7 --output runs/all     # one model, a subject layer each
     python train.py --output runs/subj01 --resume             # continue an interrupted run exactly
+    python train.py --output runs/subj01 --resume --steps 40000   # train a run longer (lr: the 40000-step schedule)
 
 Defaults come from config/train.yaml (with --resume: from the run's own
 config.yaml); flags override them; KEY=VALUE overrides (any config key,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     who.add_argument("--subjects", type=int, nargs="+", choices=[1, 2, 5, 7], metavar="S",
                      help="several subjects, one model with a subject layer each (e.g. --subjects 1 2 5 7)")
     p.add_argument("--output", type=Path, help="run folder: checkpoints, log.csv, samples (default runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint "
+                   "(with --steps: to that many steps, the learning rate following their schedule from there on)")
     p.add_argument("--cache", type=Path, help="cache folder of the fMRI windows, and with --infra-yaml of the "
                    "training job (default ./cache)")
     p.add_argument("--vd_cache_dir", type=Path, help="local Versatile Diffusion folder (Hugging Face layout)")
@@ -96,9 +99,60 @@ def build_config(args: argparse.Namespace):
     return apply_overrides(TrainConfig, base_config(args), overrides + list(args.overrides))
 
 
+def check_before_run(cfg) -> None:
+    """What can be checked here before a (possibly cluster) run: paths, --resume, the device (locally only)."""
+    from dynadiff.cli import check_device_available
+    from dynadiff.training import check_inputs, check_output
+
+    check_inputs(cfg)
+    if cfg.infra.cluster is None:  # the training runs in this process: its device must be here
+        check_device_available(cfg.device)  # (a cluster node may have GPUs that this machine lacks)
+    elif cfg.resume:  # before submitting the job (which checks again): --resume, and --steps against the checkpoint
+        check_output(cfg, Path(cfg.output_dir))
+
+
+def resume_hint(cfg, argv: list[str]) -> str:
+    """After Ctrl-C: what the run folder kept, and the command that continues (or restarts) the run."""
+    from dynadiff.training import MODEL_FILE, complete_checkpoint_dir, read_resume_state
+
+    script = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else "train.py"
+    base = [a for a in argv if a != "--resume"]
+    if cfg is None:
+        return "interrupted before the training started: nothing was written; run the same command to start it"
+    out = Path(cfg.output_dir)
+    if cfg.infra.cluster is not None:
+        return ("interrupted: train.py stopped waiting, but the training job goes on on the cluster (cancel it with "
+                f"scancel to stop it); its checkpoints are in {out / 'checkpoints' / 'last'}. Run the same command "
+                "to wait for it again")
+    last = complete_checkpoint_dir(out / "checkpoints" / "last")
+    try:
+        step = read_resume_state(last).step if last is not None else None
+    except Exception:  # noqa: BLE001 - interrupted while writing its first checkpoint: as if none
+        step = None
+    if step is None:
+        return (f"interrupted before the first checkpoint: nothing was kept in {out}. Start again with the same "
+                f"command, without --resume:\n  {shlex.join([sys.executable, script, *base])}")
+    return (f"interrupted: kept the checkpoint of step {step} ({last / MODEL_FILE}) and log.csv up to step "
+            f"{step}; the steps after it are lost. Continue the run with:\n  "
+            f"{shlex.join([sys.executable, script, *base, '--resume'])}")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     setup_logging(args.verbose)
+    built: dict = {}  # the config, once built: what Ctrl-C reports
+    try:
+        return run(args, built)
+    except KeyboardInterrupt:
+        logger.error("%s", resume_hint(built.get("cfg"), argv))
+        return 130
+
+
+def run(args: argparse.Namespace, built: dict) -> int:
+    import exca  # noqa: F401 - importing exca sets its logger's level (INFO): set ours after it
+
+    # exca logs a failed task's traceback as a warning (twice: its handler and ours); our errors say what to do
     logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     from dynadiff.checkpoint import CheckpointError
     from dynadiff.data.nsd import NsdDataError
@@ -107,7 +161,8 @@ def main(argv=None) -> int:
     from dynadiff import jobs
 
     try:
-        cfg = build_config(args)
+        cfg = built["cfg"] = build_config(args)
+        check_before_run(cfg)
         before = jobs.snapshot(cfg.infra)
         result = cfg.run()
     except ConfigError as e:

@@ -102,7 +102,10 @@ def validate(model: type[M], tree: dict) -> M:
                 parent = ".".join(str(p) for p in err["loc"][:-1])
                 lines.append(f"unknown config key {loc!r} (not a field of {parent or 'the config'})")
             else:
-                lines.append(f"invalid value for {loc!r}: {err['msg']} (got {err.get('input')!r})")
+                msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+                lines.append(f"invalid value for {loc!r}: {msg} (got {err.get('input')!r})")
+        if len(lines) == 1:  # one problem, one line
+            raise ConfigError(f"invalid configuration: {lines[0]}") from None
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

@@ -10,7 +10,10 @@
   gradient accumulation and clipping, autocast mixed precision (fp16 with loss
   scaling);
 - outputs (``TrainConfig`` docstring): ``config.yaml``, ``log.csv``, sample grids,
-  ``checkpoints/last`` (model + optimizer/scheduler state) and ``checkpoints/best``.
+  ``checkpoints/last`` (model + optimizer/scheduler state) and ``checkpoints/best``;
+- resuming (:func:`check_output`) with other ``steps`` than the checkpoint's trains the
+  run to the new length: from the checkpoint's step on, the learning rate is that of the
+  new schedule (the steps before it keep the old one's).
 
 A checkpoint folder is written under a temporary name and swapped in, so an
 interruption never leaves a half-written checkpoint: ``checkpoints/last`` (or,
@@ -294,10 +297,11 @@ def _checkpoint_metadata(cfg: TrainConfig, step: int, extra: dict) -> dict:
 
 def save_training_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, param_names: list[str], sched,
                              scaler, cfg: TrainConfig, step: int, best_val: float | None, with_state: bool = True,
-                             extra: dict | None = None) -> Path:
+                             extra: dict | None = None, log_window: tuple[float, int] = (0.0, 0)) -> Path:
     """Write ``folder/model.safetensors`` (what eval.py reads) and, with ``with_state``,
     ``folder/state.safetensors`` (AdamW moments per parameter name, scheduler, loss
-    scaler, step, best validation loss: everything ``--resume`` needs). Atomic."""
+    scaler, step, best validation loss, ``log_window``: the summed loss and count of the
+    steps since the last logged train row; everything ``--resume`` needs). Atomic."""
     from safetensors.torch import save_file
 
     from dynadiff.checkpoint import save_checkpoint
@@ -320,6 +324,7 @@ def save_training_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, pa
             "param_names": json.dumps(param_names), "param_groups": json.dumps(groups),
             "scheduler": json.dumps(sched.state_dict()), "scaler": json.dumps(scaler.state_dict() if scaler else None),
             "best_val_loss": json.dumps(best_val), "train_config": cfg.model_dump_json(),
+            "log_window": json.dumps(list(log_window)),
         }
         save_file(tensors, str(tmp / STATE_FILE), metadata=state_meta)
 
@@ -333,6 +338,7 @@ class ResumeState:
     step: int
     best_val: float | None
     config: dict
+    log_window: tuple[float, int] = (0.0, 0)  # (summed loss, count) of the steps not logged yet
 
 
 def read_resume_state(folder: Path) -> ResumeState:
@@ -341,7 +347,9 @@ def read_resume_state(folder: Path) -> ResumeState:
     meta = read_metadata(Path(folder) / STATE_FILE)
     if meta.get("dynadiff_train_state") != STATE_FORMAT:
         raise TrainingError(f"{folder / STATE_FILE} is not a dynadiff training state (format {STATE_FORMAT})")
-    return ResumeState(Path(folder), int(meta["step"]), json.loads(meta["best_val_loss"]), json.loads(meta["train_config"]))
+    loss_sum, n = json.loads(meta.get("log_window", "[0.0, 0]"))  # absent from older states: an empty window
+    return ResumeState(Path(folder), int(meta["step"]), json.loads(meta["best_val_loss"]), json.loads(meta["train_config"]),
+                       (float(loss_sum), int(n)))
 
 
 def load_training_state(state: ResumeState, model, opt: torch.optim.Optimizer, param_names: list[str], sched,
@@ -373,6 +381,11 @@ def load_training_state(state: ResumeState, model, opt: torch.optim.Optimizer, p
         group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "n_params"})
     opt.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
     sched.load_state_dict(json.loads(meta["scheduler"]))
+    # The saved param_groups carry the lr of the schedule the state was saved with; the lr of this step is
+    # that of sched's schedule (cfg.steps): the same value unless steps changed (an extended run).
+    for group, base_lr, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base_lr * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
     scaler_state = json.loads(meta["scaler"])
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
@@ -516,10 +529,70 @@ def slurm_restarts() -> int:
         return 0
 
 
-def _check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
+def check_inputs(cfg: TrainConfig) -> None:
+    """The run's folders, before anything is loaded or written: a :class:`TrainingError` (or, for the Versatile
+    Diffusion folder, a FileNotFoundError) of one line naming the first bad one and what to do."""
+    from dynadiff.data import nsd
+    from dynadiff.models.vd import check_vd_folder
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--output {out} is a file, not a folder: give the folder of the run "
+                            "(it holds config.yaml, log.csv and checkpoints/; created if missing)")
+    for key, folder in (("data.nsd_dataset_config.infra.folder", cfg.data.nsd_dataset_config.infra.folder),
+                        ("infra.folder", cfg.infra.folder)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise TrainingError(f"the cache folder {folder} (--cache, or {key}) is a file, not a folder: "
+                                "give a folder (created if missing)")
+    root = Path(cfg.data.nsd_dataset_config.nsddata_path)
+    if not root.is_dir():
+        raise TrainingError(f"the NSD data folder {root} does not exist (data.nsd_dataset_config.nsddata_path): "
+                            f"download the data with `{nsd.fetch_command(root, cfg.subjects)}`, or set "
+                            "data.nsd_dataset_config.nsddata_path to where it is")
+    for subject in cfg.subjects:
+        folders = [root / Path(d.format(subject=subject)).parents[1] for d in (nsd.ROI_DIR, nsd.TIMESERIES_DIR)]
+        if not any(f.is_dir() for f in folders):
+            get = (f"python prepare_data.py --synthetic --path {root} --subjects {' '.join(map(str, cfg.subjects))}"
+                   if nsd.is_synthetic(root) else nsd.fetch_command(root, [subject]))
+            raise TrainingError(f"subject {subject} is not in the NSD data at {root} (no {folders[0]}): "
+                                f"get it with `{get}`, or leave it out of --subjects")
+    vd = cfg.versatilediffusion_config
+    check_vd_folder(vd.vd_cache_dir, ("image_unet", "vae", "scheduler") + (("text_unet",) if vd.dual_attention else ()))
+
+
+def _read_last(last: Path) -> ResumeState:
+    """The resume state of a ``checkpoints/last`` folder, checked readable; a one-line TrainingError otherwise."""
+    from dynadiff.checkpoint import CheckpointError, read_metadata
+
+    advice = "this run cannot continue from it: start a new one (another --output)"
+    missing = [name for name in (MODEL_FILE, STATE_FILE) if not (last / name).is_file()]
+    if missing:
+        raise TrainingError(f"cannot resume from {last}: {' and '.join(missing)} missing; {advice}")
+    for name in (MODEL_FILE, STATE_FILE):
+        try:
+            meta = read_metadata(last / name)
+        except CheckpointError:
+            raise TrainingError(f"cannot resume from {last}: its {name} is not a readable .safetensors file "
+                                f"(truncated?); {advice}") from None
+    if meta.get("dynadiff_train_state") != STATE_FORMAT:
+        raise TrainingError(f"cannot resume from {last}: its {STATE_FILE} is not a dynadiff training state "
+                            f"(format {STATE_FORMAT}); {advice}")
+    try:
+        return read_resume_state(last)
+    except (KeyError, ValueError) as e:
+        raise TrainingError(f"cannot resume from {last}: its {STATE_FILE} is incomplete ({e!r}); {advice}") from None
+
+
+def check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
+    """The checkpoint to continue from (None: a run from step 0), after checking that ``cfg`` may continue it.
+
+    ``steps`` may differ from the checkpoint's (a finished run trained longer, an unfinished one to another
+    length): from the checkpoint's step on, the learning rate follows the schedule of ``cfg.steps``.
+    """
     last = complete_checkpoint_dir(out / "checkpoints" / "last")
+    restarts = slurm_restarts()
     resume = cfg.resume
-    if not resume and (restarts := slurm_restarts()):  # the same command again, by SLURM: its run goes on
+    if not resume and restarts:  # the same command again, by SLURM: its run goes on
         logger.warning("SLURM requeued this job (restart %d): continuing the run in %s as with --resume",
                        restarts, out)
         resume = True
@@ -530,16 +603,35 @@ def _check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
                 "or choose another --output")
         return None
     if last is None:
-        logger.warning("--resume: no checkpoint under %s, starting from step 0", out / "checkpoints")
-        return None
-    state = read_resume_state(last)
-    mismatch = config_differences(state.config, json.loads(cfg.model_dump_json()))
+        if restarts:  # requeued before its first checkpoint: the run starts again (not the user's --resume)
+            logger.warning("no checkpoint under %s yet: starting from step 0", out / "checkpoints")
+            return None
+        what = (f"holds no checkpoint ({out / 'checkpoints' / 'last'} is missing)" if out.exists()
+                else "does not exist")
+        raise TrainingError(f"--resume: nothing to resume, {out} {what}; without --resume, a new run starts there")
+    state = _read_last(last)
+    mismatch = [k for k in config_differences(state.config, json.loads(cfg.model_dump_json())) if k != "steps"]
     if mismatch:
         raise TrainingError(
             f"cannot resume {last}: the configuration differs from the checkpoint's in {mismatch}; resuming "
             "continues the same run (change them in a new run with another --output)")
     if state.step > cfg.steps:
-        raise TrainingError(f"{last} is at step {state.step}, beyond steps={cfg.steps}")
+        raise TrainingError(f"cannot resume {last}: the checkpoint is at step {state.step}, beyond steps={cfg.steps} "
+                            f"(give --steps {state.step} or more)")
+    saved_steps = int(state.config["steps"])
+    if saved_steps != cfg.steps:
+        if state.step == cfg.steps:
+            raise TrainingError(f"cannot resume {last} with steps={cfg.steps}: the checkpoint is at step {state.step} "
+                                f"already, nothing is left to train (its weights: {last / MODEL_FILE})")
+        o = cfg.optim
+        before, after = (o.lr * lr_factor(state.step, total, o.warmup_steps, o.min_lr_ratio)
+                         for total in (saved_steps, cfg.steps))
+        logger.warning(
+            "steps=%d instead of the run's %d: the run is %s from step %d to %d steps; from step %d on the learning "
+            "rate follows the %d-step schedule (at step %d it goes from %.4g, the %d-step schedule's, to %.4g), so "
+            "the result differs from that of a run of %d steps from the start",
+            cfg.steps, saved_steps, "extended" if cfg.steps > saved_steps else "shortened", state.step, cfg.steps,
+            state.step, cfg.steps, state.step, before, saved_steps, after, cfg.steps)
     return state
 
 
@@ -604,7 +696,8 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     out = Path(cfg.output_dir)
-    resume = _check_output(cfg, out)
+    check_inputs(cfg)
+    resume = check_output(cfg, out)
     device = resolve_device(cfg.device)
     autocast_dtype = resolve_mixed_precision(cfg.mixed_precision, device)
     if cfg.cpu_threads is not None:
@@ -619,10 +712,12 @@ def train(cfg: TrainConfig) -> dict:
     opt, param_names = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    start, best_val = 0, None
+    start, best_val, window_loss, window_n = 0, None, 0.0, 0
     if resume is not None:
         load_training_state(resume, model, opt, param_names, sched, scaler)
         start, best_val = resume.step, resume.best_val
+        # a checkpoint between two logged rows: the next row still averages every step since the last one
+        window_loss, window_n = resume.log_window
         logger.info("resumed from %s at step %d", resume.folder, start)
     _write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     log = CsvLog(out / "log.csv", start if resume is not None else None)
@@ -638,14 +733,14 @@ def train(cfg: TrainConfig) -> dict:
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
     samples_per_step = cfg.batch_size * cfg.grad_accumulation
-    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+    window_t = time.perf_counter()
     t0 = time.perf_counter()
     last_val, last_loss = None, None
     ckpt_dir = out / "checkpoints"
 
     def checkpoint(step: int) -> None:
         save_training_checkpoint(ckpt_dir / "last", model, opt, param_names, sched, scaler, cfg, step, best_val,
-                                 extra={"val_loss": last_val})
+                                 extra={"val_loss": last_val}, log_window=(window_loss, window_n))
 
     def validate(step: int) -> None:
         nonlocal best_val, last_val
