@@ -121,7 +121,6 @@ def resolve_config(args: argparse.Namespace):
 
 def interrupted(cfg) -> str:
     """What an interrupted run kept, and how to continue."""
-    from dynadiff import jobs
     from dynadiff.evaluation import reconstruction_config
 
     try:

@@ -60,3 +60,27 @@ def make_train_config(synthetic_nsd, train_vd, tmp_path):
         return apply_overrides(TrainConfig, base, items + list(overrides))
 
     return make
+
+
+@pytest.fixture
+def crash_at(monkeypatch):
+    """``crash_at(n, training_only=False)`` makes ``training.training_step_loss`` raise
+    ``RuntimeError("simulated crash")`` at its ``n``-th call (``training_only``: counting only calls on a model in
+    train mode, i.e. the optimizer steps' micro-batches, not validation batches); ``monkeypatch.undo()`` undoes it."""
+    from dynadiff import training
+
+    real = training.training_step_loss
+
+    def arm(n: int, training_only: bool = False) -> None:
+        calls = {"n": 0}
+
+        def crashing(model, *args, **kwargs):
+            if model.training or not training_only:
+                calls["n"] += 1
+                if calls["n"] == n:
+                    raise RuntimeError("simulated crash")
+            return real(model, *args, **kwargs)
+
+        monkeypatch.setattr(training, "training_step_loss", crashing)
+
+    return arm

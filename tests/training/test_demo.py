@@ -114,7 +114,6 @@ def test_the_printed_eval_command_reevaluates_the_demo_checkpoint(fast_demo, tmp
 
 def test_ctrl_c_is_one_line(tmp_path):
     import signal
-    import subprocess
     import sys
     import time
 

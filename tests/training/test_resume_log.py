@@ -7,7 +7,6 @@ import csv
 
 import pytest
 
-from dynadiff import training
 from dynadiff.training import read_resume_state, train
 
 TIMING = ("samples_per_s", "time_s")
@@ -21,7 +20,7 @@ def _rows(path):
 
 @pytest.mark.parametrize("log_every", [1, 3])
 def test_resume_after_a_crash_between_checkpoints_logs_like_the_uninterrupted_run(make_train_config, tmp_path,
-                                                                                   monkeypatch, log_every):
+                                                                                   monkeypatch, crash_at, log_every):
     """Checkpoint at step 4, validation at step 5, crash during step 7: the crashed run has logged rows after its
     checkpoint (val 5, train 5 and 6 or train 6), which the resumed run logs again from step 4. With
     ``log_every=3`` the row of step 6 averages steps 4-6, one of them before the checkpoint."""
@@ -33,21 +32,11 @@ def test_resume_after_a_crash_between_checkpoints_logs_like_the_uninterrupted_ru
     layout = sorted([(s, "train") for s in train_steps] + [(5, "val"), (8, "val")])  # train before val
     assert [(int(r["step"]), r["split"]) for r in expected] == layout
 
-    real = training.training_step_loss
-    train_calls = {"n": 0}
-
-    def crash_in_step_7(model, *args, **kwargs):
-        if model.training:  # validation batches run in eval mode: count the optimizer steps' micro-batches only
-            train_calls["n"] += 1
-            if train_calls["n"] == 7:
-                raise RuntimeError("simulated crash")
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(training, "training_step_loss", crash_in_step_7)
+    crash_at(7, training_only=True)  # in step 7 (one micro-batch a step)
     out = tmp_path / "interrupted"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(make_train_config(*common, out=out))
-    monkeypatch.setattr(training, "training_step_loss", real)
+    monkeypatch.undo()
     assert read_resume_state(out / "checkpoints" / "last").step == 4
     crashed = _rows(out / "log.csv")
     # the crash came after rows the resumed run writes again (else this test proves nothing)

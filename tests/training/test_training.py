@@ -141,7 +141,7 @@ def _log_rows(path):
 
 
 @pytest.mark.parametrize("requeued", [False, True], ids=["--resume", "requeued-by-slurm"])
-def test_resume_continues_exactly(make_train_config, tmp_path, monkeypatch, requeued):
+def test_resume_continues_exactly(make_train_config, tmp_path, monkeypatch, crash_at, requeued):
     """Interrupted during step 5 (after the checkpoint of step 4), then resumed (with ``resume=true``, or
     as a job SLURM requeued: ``SLURM_RESTART_COUNT`` > 0): the same weights, optimizer moments and
     logged losses at step 6 as the uninterrupted run."""
@@ -149,20 +149,11 @@ def test_resume_continues_exactly(make_train_config, tmp_path, monkeypatch, requ
     full = train(make_train_config(*common, out=tmp_path / "full"))
     assert full["steps"] == 6 and full["resumed_from"] is None
 
-    real = training.training_step_loss
-    calls = {"n": 0}
-
-    def crash_in_step_5(*args, **kwargs):
-        calls["n"] += 1  # 2 micro-batches per step, 2 validation batches after step 3
-        if calls["n"] == 4 * 2 + 2 + 1:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(training, "training_step_loss", crash_in_step_5)
+    crash_at(4 * 2 + 2 + 1)  # in step 5: 2 micro-batches per step, 2 validation batches after step 3
     out = tmp_path / "interrupted"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(make_train_config(*common, out=out))
-    monkeypatch.setattr(training, "training_step_loss", real)
+    monkeypatch.undo()
     assert read_resume_state(out / "checkpoints" / "last").step == 4
     assert not (out / "checkpoints" / "last.tmp").exists()
 
