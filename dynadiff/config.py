@@ -150,7 +150,9 @@ class ReconstructionConfig(StrictModel):
     allow_missing_keys: bool = False
     device: Device = "auto"
     batch_size: int = pydantic.Field(4, ge=1)
-    infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
+    to_uint8: tp.Literal["truncate", "round"] = "truncate"  # 8-bit conversion (the original truncates)
+    # version 2: images truncated to 8 bits (version 1 rounded them; a default value is not in exca's uid)
+    infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="2")
 
     @infra.apply(item_uid=str, exclude_from_cache_uid=("device", "batch_size"))
     def generate(self, indices: tp.Sequence[int]) -> tp.Iterator[np.ndarray]:
@@ -189,7 +191,10 @@ class EvalConfig(StrictModel):
     metrics_weights: MetricsWeightsConfig = MetricsWeightsConfig()
     overview_images: int = pydantic.Field(8, ge=0)
     compute_miou: bool = False
-    infra: exca.TaskInfra = exca.TaskInfra(folder="./cache", version="1", mode="retry")
+    # reconstructions to 8 bits: ``truncate`` as the original, ``(x * 255).astype(uint8)`` (faithful), or ``round``
+    to_uint8: tp.Literal["truncate", "round"] = "truncate"
+    # version 2: reconstructions truncated to 8 bits (version 1's cached results had rounded ones)
+    infra: exca.TaskInfra = exca.TaskInfra(folder="./cache", version="2", mode="retry")
     image_generation: InfraResources = InfraResources()
 
     @pydantic.field_validator("metrics")

@@ -60,8 +60,24 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def default_checkpoint(subject: int) -> Path:
-    return Path("checkpoints") / f"subj{subject:02d}"
+CHECKPOINTS_DIR = Path("checkpoints")
+
+
+def checkpoint_candidates(subject: int, root: Path = CHECKPOINTS_DIR) -> list[Path]:
+    """Where a subject's published checkpoint may be: ``subjXX`` (the original's README) or ``subXX`` (the
+    folder its code reads)."""
+    return [Path(root) / f"subj{subject:02d}", Path(root) / f"sub{subject:02d}"]
+
+
+def default_checkpoint(subject: int, root: Path = CHECKPOINTS_DIR) -> Path:
+    """The first of :func:`checkpoint_candidates` that exists (logged when it is ``subXX``); the first if none."""
+    candidates = checkpoint_candidates(subject, root)
+    for path in candidates:
+        if path.exists():
+            if path != candidates[0]:
+                logger.info("checkpoint of subject %d: %s (no %s)", subject, path, candidates[0])
+            return path
+    return candidates[0]
 
 
 RUN_FILE = "run.json"  # in a run's output folder: which run wrote it
@@ -226,7 +242,22 @@ def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.
     windows = (np.pad(ds.brain(i), ((0, width - ds.n_voxels), (0, 0))) for i in indices)  # zeros: as in training
     seed = cfg.versatilediffusion_config.seed
     for img in reconstruct_in_batches(model, windows, cfg.batch_size, seed, device, subject_idx):
-        yield (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        yield to_uint8(img, cfg.to_uint8)
+
+
+def to_uint8(image: torch.Tensor, mode: str = "truncate") -> np.ndarray:
+    """(3, H, W) float image -> (H, W, 3) uint8, clamped to [0, 1] first.
+
+    ``truncate`` (the original's ``(x * 255).astype(uint8)``, faithful: the published numbers were measured
+    on such images) or ``round`` (the nearest level: on average half a level brighter, every metric moves a
+    little).
+    """
+    x = image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255
+    if mode == "round":
+        x = x.round()
+    elif mode != "truncate":
+        raise ValueError(f"to_uint8 is 'truncate' or 'round', got {mode!r}")
+    return x.astype(np.uint8)  # float -> uint8 drops the fraction: truncation
 
 
 def metrics_table(result: dict) -> str:
@@ -304,6 +335,12 @@ def preflight(cfg: EvalConfig) -> Checked:
             check_device_available(cfg.device)
         except ConfigError as e:
             raise EvaluationError(str(e)) from None
+    if cfg.checkpoint is None and not default_checkpoint(nsd_cfg.subject).exists():
+        names = " nor ".join(str(p) for p in checkpoint_candidates(nsd_cfg.subject))
+        raise EvaluationError(
+            f"no checkpoint of subject {nsd_cfg.subject}: neither {names} exists. Fetch the published one with "
+            f"`python prepare_weights.py --only checkpoints --subjects {nsd_cfg.subject}` (see checkpoints/README.md), "
+            "or pass --checkpoint PATH (a train.py output or a converted .safetensors)")
     checkpoint = check_checkpoint(cfg.checkpoint or default_checkpoint(nsd_cfg.subject), nsd_cfg.subject)
     try:
         check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
@@ -331,7 +368,8 @@ def reconstruction_config(cfg: EvalConfig) -> ReconstructionConfig:
         versatilediffusion_config=cfg.versatilediffusion_config, checkpoint=checkpoint,
         checkpoint_digest=cfg.checkpoint_digest or checkpoint_digest(checkpoint), data_digest=cfg.data_digest,
         allow_missing_keys=cfg.allow_missing_keys,
-        device=cfg.device, batch_size=cfg.batch_size, infra=cfg.image_generation.infra_kwargs(folder=cfg.infra.folder),
+        device=cfg.device, batch_size=cfg.batch_size, to_uint8=cfg.to_uint8,
+        infra=cfg.image_generation.infra_kwargs(folder=cfg.infra.folder),
     )
 
 

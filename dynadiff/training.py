@@ -501,12 +501,12 @@ def validation_loss(model, data: TrainingSamples, cfg: TrainConfig, autocast_dty
 @torch.no_grad()
 def sample_grid(model, data: TrainingSamples, n: int, seed: int) -> np.ndarray:
     """Ground truths above reconstructions of the first ``n`` validation samples, uint8."""
-    from dynadiff.evaluation import overview_grid
+    from dynadiff.evaluation import overview_grid, to_uint8
 
     n = min(n, len(data))
     batch = collate([data[i] for i in range(n)])
     recs = model.reconstruct(batch["brain"], batch["subject_idx"], seed=seed)
-    recs = [(r.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for r in recs]
+    recs = [to_uint8(r) for r in recs]  # truncated to 8 bits, as eval.py's (and the original's) images
     gts = [data.image(i) for i in range(n)]
     return overview_grid(gts, recs, n, tile=min(160, max(64, recs[0].shape[0])))
 

@@ -37,3 +37,14 @@ def test_the_readme_and_the_summary_state_the_tables_count():
     summary = (REPO / "docs" / "reliability.md").read_text().split("## The cases", 1)[0]
     per_area = {a: int(n) for a, n in re.findall(r"^\| ([^|]+?) \| (\d+) \|$", summary, re.M)}
     assert per_area == {a: sum(r[0] == a for r in rows) for a in per_area} and sum(per_area.values()) == len(rows)
+
+
+def test_every_test_a_document_names_exists():
+    """docs/*.md and the README cite tests as `tests/path.py::test_name`: each must be a test of that file."""
+    cited = 0
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for path, name in re.findall(r"(tests/[\w/]+\.py)::(test_\w+)", doc.read_text()):
+            cited += 1
+            assert (REPO / path).is_file(), f"{doc.name}: {path} does not exist"
+            assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{doc.name}: {path}::{name}"
+    assert cited > 400

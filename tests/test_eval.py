@@ -168,3 +168,49 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, caplog):
     assert code == 1 and "may be corrupt" in log and "image_generation.mode=force" in log
     assert not (_out(tmp_path / "cache") / "metrics.json").exists()
     assert run("--metrics", "ssim", "image_generation.mode=force")[0] == 0
+
+
+def test_to_uint8_truncates_by_default_and_rounds_on_request():
+    import torch
+
+    from dynadiff.evaluation import to_uint8
+
+    values = [0.0, 0.5, 0.999, 1.0, 1.2, -0.1, 0.5 / 255, 0.7 / 255, 254.6 / 255]
+    image = torch.tensor(values).reshape(1, 1, -1).expand(3, 1, -1)  # (3, 1, W)
+    # by hand: x * 255, clamped to [0, 255], then the fraction dropped (truncate) or to the nearest (round)
+    assert to_uint8(image)[0, :, 0].tolist() == [0, 127, 254, 255, 255, 0, 0, 0, 254]
+    assert to_uint8(image, "round")[0, :, 0].tolist() == [0, 128, 255, 255, 255, 0, 0, 1, 255]
+    assert to_uint8(image).shape == (1, len(values), 3) and to_uint8(image).dtype == np.uint8
+    with pytest.raises(ValueError, match="'truncate' or 'round'"):
+        to_uint8(image, "floor")
+
+
+def test_reconstructions_are_truncated_to_8_bits(setup, tmp_path):
+    """The saved reconstruction is the model's float image truncated to 8 bits (the original's
+    ``(x * 255).astype(uint8)``), computed here from the same model and window; ``to_uint8=round`` rounds."""
+    import torch
+
+    from dynadiff.checkpoint import load_checkpoint
+    from dynadiff.config import NsdDatasetConfig
+    from dynadiff.models.config import FmriMLPConfig, VersatileDiffusionConfig
+
+    eval_cli = _load_eval_module()
+    args = ["--limit", "1", "--metrics", "pixcorr", "--no-blur-faces"]
+    saved = {}
+    for mode in ("truncate", "round"):
+        cache = tmp_path / mode
+        assert eval_cli.main([*setup["base"], "--cache", str(cache), "--checkpoint", str(setup["ckpt"]), *args,
+                              f"to_uint8={mode}"]) == 0
+        saved[mode] = np.asarray(Image.open(_out(cache) / "0.png")).astype(int)
+
+    ds = NsdDatasetConfig(nsddata_path=setup["nsd"], subject=1, sessions=[1, 21], infra={"folder": tmp_path / "w"}).build()
+    vd = VersatileDiffusionConfig(vd_cache_dir=setup["vd"], image_size=64, num_inference_steps=2)
+    model = vd.build(FmriMLPConfig(hidden=32), n_voxels=ds.n_voxels)
+    load_checkpoint(model, setup["ckpt"])
+    window = torch.from_numpy(ds.brain(0))
+    with torch.no_grad():  # as eval.py samples it: a batch of --batch-size 2, the short batch padded by repetition
+        x = model.reconstruct(torch.stack([window, window]), torch.zeros(2, dtype=torch.long), seed=0)[0]
+    x = x.clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float64) * 255
+    np.testing.assert_array_equal(saved["truncate"], np.floor(x))
+    np.testing.assert_array_equal(saved["round"], np.round(x))
+    assert (saved["round"] - saved["truncate"]).mean() > 0.3  # about half a level brighter on average

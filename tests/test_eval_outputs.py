@@ -435,3 +435,28 @@ def test_rewritten_data_is_a_new_run(eval_cli, eval_setup, tmp_path, capsys, cap
     assert all(not np.array_equal(a, b) for a, b in zip(before, after))
     _assert_one_run(folder2, means2, setup["ckpt"], 2)
     assert json.loads((folder / "metrics.json").read_text())["means"]["pixcorr"] == pytest.approx(means["PixCorr"], abs=5e-5)
+
+
+def test_the_default_checkpoint_is_subjXX_or_subXX(eval_cli, eval_setup, tmp_path, capsys, caplog, monkeypatch):
+    """Without --checkpoint: checkpoints/subj01 (the original's README) or checkpoints/sub01 (its code), said; when
+    neither exists, the error names both and the command that fetches the published one."""
+    setup, cache = eval_setup, tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    args = [*setup["base"], "--cache", str(cache), "--limit", "2", *METRICS]
+    assert eval_cli.main(args) == 1
+    assert ("no checkpoint of subject 1: neither checkpoints/subj01 nor checkpoints/sub01 exists. Fetch the "
+            "published one with `python prepare_weights.py --only checkpoints --subjects 1`") in caplog.text
+    (tmp_path / "checkpoints" / "sub01").mkdir(parents=True)
+    os.link(setup["ckpt"], tmp_path / "checkpoints" / "sub01" / "model.safetensors")
+    caplog.clear()
+    assert eval_cli.main(args) == 0
+    assert "checkpoint of subject 1: checkpoints/sub01 (no checkpoints/subj01)" in caplog.text
+    folder, means = _printed(capsys.readouterr().out)
+    _assert_one_run(folder, means, Path("checkpoints/sub01/model.safetensors"), 2)
+    (tmp_path / "checkpoints" / "subj01").mkdir()
+    os.link(setup["ckpt_b"], tmp_path / "checkpoints" / "subj01" / "model.safetensors")
+    caplog.clear()
+    assert eval_cli.main(args) == 0
+    assert "checkpoints/sub01" not in caplog.text
+    folder_b, means_b = _printed(capsys.readouterr().out)
+    _assert_one_run(folder_b, means_b, Path("checkpoints/subj01/model.safetensors"), 2)

@@ -91,9 +91,30 @@ def build_scheduler(name: str, scheduler_config: dict):
         cls, extra = DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}
     else:
         raise ValueError(f"unknown scheduler {name!r}: choose 'ddpm', 'ddim' or 'dpmsolver++'")
-    # keep only the keys the class knows (VD's config is a PNDM one): no warning noise
+    # keep only the keys the class knows (VD's config is a PNDM one): no warning noise; a key the file lacks takes
+    # the class's default, as the original's DDPMScheduler.from_pretrained(vd, subfolder="scheduler") did
     known = set(inspect.signature(cls.__init__).parameters)
-    return cls(**{k: v for k, v in config.items() if k in known}, **extra)
+    scheduler = cls(**{k: v for k, v in config.items() if k in known}, **extra)
+    _log_effective_settings(scheduler, config)
+    return scheduler
+
+
+_LOGGED_SETTINGS: set[str] = set()  # one log line per distinct effective configuration, per process
+
+
+def effective_settings(scheduler, file_config: dict) -> dict[str, tuple[object, bool]]:
+    """``{key: (value, from the file?)}`` of a scheduler built from ``file_config``: what it really uses."""
+    return {k: (v, k in file_config) for k, v in scheduler.config.items() if not k.startswith("_")}
+
+
+def _log_effective_settings(scheduler, file_config: dict) -> None:
+    settings = effective_settings(scheduler, file_config)
+    text = ", ".join(f"{k}={v!r}" + ("" if from_file else " (default: not in the file)")
+                     for k, (v, from_file) in sorted(settings.items()))
+    line = f"{type(scheduler).__name__} from VD's scheduler_config.json: {text}"
+    if line not in _LOGGED_SETTINGS:
+        _LOGGED_SETTINGS.add(line)
+        logger.info("%s", line)
 
 
 class DualTransformer(DualTransformer2DModel):

@@ -96,7 +96,7 @@ def _images(cache: Path) -> list[np.ndarray]:
 
 def _job_dirs(cache: Path, step: str) -> set[str]:
     """Job ids with a folder in exca's logs of ``step`` (e.g. ``ReconstructionConfig.generate``)."""
-    folders = cache.glob(f"dynadiff.config.{step},1/*/logs/*/*")
+    folders = cache.glob(f"dynadiff.config.{step},*/*/logs/*/*")  # any cache version
     return {p.name for p in folders if (p / f"{p.name}_submitted.pkl").exists()}
 
 
@@ -195,7 +195,7 @@ def test_resources_the_cluster_refuses_are_one_clear_error(tiny, slurm_run, slur
 
 
 def _job_log(cache: Path, job_id: str) -> Path | None:
-    logs = list(cache.glob(f"dynadiff.config.ReconstructionConfig.generate,1/*/logs/*/{job_id}/{job_id}_0_log.err"))
+    logs = list(cache.glob(f"dynadiff.config.ReconstructionConfig.generate,*/*/logs/*/{job_id}/{job_id}_0_log.err"))
     return logs[0] if logs else None
 
 
