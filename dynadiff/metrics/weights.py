@@ -1,7 +1,9 @@
-"""Which weight file each metric reads, whether it is there, how to get it.
+"""Which weight file each metric reads, where it comes from, whether it is there, how to get it.
 
-Cheap to import (no torch): ``python -m dynadiff.metrics weights`` uses it to
-list what is present and missing. Loading lives with each network
+The one catalogue of the metric networks' files: ``python -m dynadiff.metrics
+weights`` lists what is present and missing from it, and ``prepare_weights.py``
+fetches from it (:func:`remote_files`: each file's URL and destination).
+Cheap to import (no torch). Loading lives with each network
 (:mod:`dynadiff.metrics.features`, :mod:`dynadiff.metrics.dreamsim`).
 """
 
@@ -32,18 +34,25 @@ TORCHVISION_WEIGHTS_ENUM: dict[str, str] = {
 SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
 CLIP_REPO = "openai/clip-vit-large-patch14"
 CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+CLIP_FETCH_FILES = ("config.json", "model.safetensors")  # what prepare_weights.py takes from CLIP_REPO (not the text/TF/Flax files)
 # What dreamsim(pretrained=True, cache_dir=...) leaves in its cache for the
-# default "ensemble" model: its own files, and the torch.hub copy of the DINO
-# repository and weights (it calls torch.hub.set_dir(cache_dir)).
-DREAMSIM_FILES = (
+# default "ensemble" model: its own files (the release zip, unpacked as is), and
+# the torch.hub copy of the DINO repository and weights (it calls
+# torch.hub.set_dir(cache_dir), then torch.hub.load("facebookresearch/dino:main",
+# "dino_vitb16"), whose hubconf downloads DINO_WEIGHTS_URL into checkpoints/).
+DREAMSIM_URL = "https://github.com/ssundaram21/dreamsim/releases/download/v0.2.0-checkpoints/dreamsim_ensemble_checkpoint.zip"
+DREAMSIM_ARCHIVE_FILES = (
     "ensemble_lora/adapter_config.json",
     "ensemble_lora/adapter_model.safetensors|ensemble_lora/adapter_model.bin",  # either
     "dino_vitb16_pretrain.pth",
     "clip_vitb16_pretrain.pth.tar",
     "open_clip_vitb16_pretrain.pth.tar",
-    "facebookresearch_dino_main/hubconf.py",
-    "checkpoints/dino_vitbase16_pretrain.pth",
 )
+DINO_REPO_URL = "https://github.com/facebookresearch/dino/zipball/main"  # torch.hub's archive of facebookresearch/dino:main
+DINO_REPO_DIR = "facebookresearch_dino_main"  # the folder torch.hub unpacks it to
+DINO_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+DINO_WEIGHTS_FILE = "checkpoints/dino_vitbase16_pretrain.pth"
+DREAMSIM_FILES = (*DREAMSIM_ARCHIVE_FILES, f"{DINO_REPO_DIR}/hubconf.py", DINO_WEIGHTS_FILE)
 DREAMSIM_PACKAGE = "dreamsim==0.2.1"
 
 # Network (weight source) of each metric; pixel metrics need none.
@@ -75,6 +84,59 @@ class InvalidWeightsError(WeightsError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    """One download that puts (part of) a metric network's weights where the metric code reads them.
+
+    ``archive``: ``""`` a file saved as ``dest``; ``"zip"`` a zip whose members are unpacked into the folder
+    ``dest`` as they are; ``"repo-zip"`` a GitHub archive whose single top folder becomes the folder ``dest``.
+    ``provides``: for an archive, the files it puts under ``dest`` (relative; ``"a|b"``: either), which tell
+    whether it is in place. ``sha256_prefix``: the start of the file's SHA-256 where published (torchvision's
+    file names carry it).
+    """
+
+    source: str  # "alexnet", "inception", "effnet", "swav", "dreamsim"
+    url: str
+    dest: Path
+    sha256_prefix: str = ""
+    archive: str = ""
+    provides: tuple[str, ...] = ()
+
+
+def remote_files(source: str, config: MetricsWeightsConfig | None = None) -> list[RemoteFile]:
+    """The plain-URL downloads of a weight source, to the paths :func:`source_status` looks at.
+
+    CLIP comes from the Hugging Face Hub instead (:data:`CLIP_REPO`, :data:`CLIP_FETCH_FILES` into
+    ``config.resolved_clip_path()``): it has no entry here.
+    """
+    config = config or MetricsWeightsConfig()
+    if source in TORCHVISION_FILES:
+        name = TORCHVISION_FILES[source]
+        prefix = re.search(r"-([a-f0-9]+)\.", name).group(1)
+        return [RemoteFile(source, TORCHVISION_URL + name, config.checkpoints_dir() / name, sha256_prefix=prefix)]
+    if source == "swav":
+        return [RemoteFile(source, SWAV_URL, config.resolved_swav_path())]
+    if source == "dreamsim":
+        cache = config.resolved_dreamsim_cache()
+        return [
+            RemoteFile(source, DREAMSIM_URL, cache, archive="zip", provides=DREAMSIM_ARCHIVE_FILES),
+            RemoteFile(source, DINO_REPO_URL, cache / DINO_REPO_DIR, archive="repo-zip", provides=("hubconf.py",)),
+            RemoteFile(source, DINO_WEIGHTS_URL, cache / DINO_WEIGHTS_FILE),
+        ]
+    if source == "clip":
+        return []
+    raise ValueError(f"unknown weight source {source!r}: expected one of {sorted(set(filter(None, SOURCE_OF_METRIC.values())))}")
+
+
+def prepare_command(config: MetricsWeightsConfig | None = None) -> str:
+    """The ``prepare_weights.py`` command that fetches the metric weights to the places ``config`` names."""
+    config = config or MetricsWeightsConfig()
+    flags = {"torch_home": "--torch-home", "weights_dir": "--weights-dir", "swav_path": "--swav-path",
+             "clip_path": "--clip-path", "dreamsim_cache": "--dreamsim-cache"}
+    given = "".join(f" {flag} {getattr(config, field)}" for field, flag in flags.items() if getattr(config, field) is not None)
+    return f"python prepare_weights.py --only metrics{given}"
+
+
+@dataclasses.dataclass(frozen=True)
 class WeightStatus:
     source: str  # "alexnet", "inception", "effnet", "swav", "clip", "dreamsim"
     path: Path  # the file or folder looked for
@@ -96,16 +158,17 @@ def source_status(source: str, config: MetricsWeightsConfig | None = None) -> We
         how = (
             f"on a machine with internet, run `TORCH_HOME={config.resolved_torch_home()} python -c "
             f"\"import torchvision; torchvision.models.get_weight('{TORCHVISION_WEIGHTS_ENUM[source]}').get_state_dict()\"`, "
-            f"or download {TORCHVISION_URL}{name} into {path.parent}"
+            f"or download {TORCHVISION_URL}{name} into {path.parent}; or `{prepare_command(config)}`"
         )
         return _file_status(source, path, how)
     if source == "swav":
         path = config.resolved_swav_path().absolute()
-        how = f"download {SWAV_URL} (the facebookresearch/swav hub model's weights) to {path}"
+        how = f"download {SWAV_URL} (the facebookresearch/swav hub model's weights) to {path}, or `{prepare_command(config)}`"
         return _file_status(source, path, how)
     if source == "clip":
         path = config.resolved_clip_path().absolute()
-        how = f"`hf download {CLIP_REPO} config.json model.safetensors --local-dir {path}` on a machine with internet, then copy the folder"
+        how = (f"`hf download {CLIP_REPO} {' '.join(CLIP_FETCH_FILES)} --local-dir {path}` on a machine with internet, "
+               f"then copy the folder; or `{prepare_command(config)}`")
         if not (path / "config.json").is_file():
             return WeightStatus(source, path, False, f"no CLIP ViT-L/14 config at {path / 'config.json'}", how)
         if not any((path / f).is_file() for f in CLIP_WEIGHT_FILES):
@@ -115,7 +178,7 @@ def source_status(source: str, config: MetricsWeightsConfig | None = None) -> We
         path = config.resolved_dreamsim_cache().absolute()
         how = (
             f"`pip install {DREAMSIM_PACKAGE}`, then on a machine with internet run `python -c \"from dreamsim import dreamsim; "
-            f"dreamsim(pretrained=True, device='cpu', cache_dir='{path}')\"` and copy the folder"
+            f"dreamsim(pretrained=True, device='cpu', cache_dir='{path}')\"` and copy the folder; or `{prepare_command(config)}`"
         )
         if importlib.util.find_spec("dreamsim") is None:
             return WeightStatus(source, path, False, "the dreamsim package is not installed", how)
