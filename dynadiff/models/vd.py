@@ -32,10 +32,10 @@ MIX_RATIO = 0.0  # weight of the text stack's output: 0 -> only the image stack 
 def check_vd_folder(vd_dir: str | Path, subfolders: tuple[str, ...] = ("image_unet", "vae", "scheduler")) -> Path:
     """``vd_dir`` as a Path, or a FileNotFoundError saying what is missing and how to get it."""
     vd_dir = Path(vd_dir)
+    dual = " --dual-attention" if "text_unet" in subfolders else ""
     how = (
-        f"download it once with `hf download {HF_REPO} --local-dir {vd_dir} --include "
-        + " ".join(f"'{s}/*'" for s in subfolders)
-        + "`, or point "
+        f"download it once with `python prepare_weights.py --only vd --vd_cache_dir {vd_dir}{dual}` (or `hf download "
+        f"{HF_REPO} --local-dir {vd_dir} --include " + " ".join(f"'{s}/*'" for s in subfolders) + "`), or point "
         "versatilediffusion_config.vd_cache_dir (CLI --vd_cache_dir) at an existing copy"
     )
     if not vd_dir.is_dir():
