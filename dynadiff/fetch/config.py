@@ -32,19 +32,17 @@ def _check_revision(value: str) -> str:
     return value
 
 
+Revision = tp.Annotated[str, pydantic.AfterValidator(_check_revision)]  # of a Hub repository
+
+
 class CheckpointsSource(_Strict):
     """The published Dynadiff checkpoints: Hub folders ``subj0N/`` (or ``sub0N/``) into ``{dir}/subj0N``,
     where eval.py looks by default (``dynadiff.evaluation.default_checkpoint``)."""
 
     repo: str = "facebook/dynadiff"
-    revision: str = "main"
+    revision: Revision = "main"
     dir: Path = Path("./checkpoints")
     subjects: list[int] = list(SUBJECTS)
-
-    @pydantic.field_validator("revision")
-    @classmethod
-    def _revision(cls, value: str) -> str:
-        return _check_revision(value)
 
     @pydantic.field_validator("subjects")
     @classmethod
@@ -60,14 +58,9 @@ class VdSource(_Strict):
     ``versatilediffusion_config.vd_cache_dir``); ``text_unet`` only for ``dual_attention``."""
 
     repo: str = "shi-labs/versatile-diffusion"
-    revision: str = "main"
+    revision: Revision = "main"
     vd_cache_dir: Path = Path("./versatile_diffusion")
     subfolders: list[VdSubfolder] = ["image_unet", "vae", "scheduler"]
-
-    @pydantic.field_validator("revision")
-    @classmethod
-    def _revision(cls, value: str) -> str:
-        return _check_revision(value)
 
     @pydantic.field_validator("subfolders")
     @classmethod
@@ -78,12 +71,7 @@ class VdSource(_Strict):
 
 
 class MetricsSource(_Strict):
-    clip_revision: str = "main"  # of dynadiff.metrics.weights.CLIP_REPO
-
-    @pydantic.field_validator("clip_revision")
-    @classmethod
-    def _revision(cls, value: str) -> str:
-        return _check_revision(value)
+    clip_revision: Revision = "main"  # of dynadiff.metrics.weights.CLIP_REPO
 
 
 class Mirrors(_Strict):
