@@ -181,6 +181,8 @@ def build_decoder(cfg: ReconstructionConfig, n_voxels: int, n_subjects: int = 1)
         load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
     except CheckpointError as e:
         raise EvaluationError(f"{mismatch_cause(e, n_voxels, cfg.data.subject)}\n{e}") from e
+    except (OSError, ValueError) as e:  # contents the up-front checks could not see (e.g. a damaged shard)
+        raise EvaluationError(f"checkpoint {cfg.checkpoint} cannot be read: {e}") from e
     model.eval()
     return model, device
 
@@ -404,10 +406,12 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                            "then they are reused, not generated twice", busy, who)
     jobs_before = jobs.snapshot(rec_cfg.infra)
     try:
-        recs = [np.asarray(r) for r in rec_cfg.generate(items)]
+        cached = rec_cfg.generate(items)  # computes the missing images (exca reads the cache when iterated)
     except jobs.JOB_ERRORS as e:  # a generation job failed (cluster run): report them all, keep what is done
         raise EvaluationError(jobs.failure_report(rec_cfg.infra, "image generation", jobs_before, items, error=e,
                                                   noun="test image")) from e
+    try:
+        recs = [np.asarray(r) for r in cached]
     except (OSError, ValueError, EOFError, json.JSONDecodeError) as e:
         raise EvaluationError(
             f"reading the image cache {rec_cfg.infra.uid_folder()} failed ({type(e).__name__}: {e}); it may be "

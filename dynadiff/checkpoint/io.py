@@ -24,7 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dynadiff.checkpoint.safe_load import safe_torch_load
-from dynadiff.checkpoint.zero import DEFAULT_TAG, MODEL_STATES, read_zero_checkpoint, resolve_zero_folder
+from dynadiff.checkpoint.zero import (
+    DEFAULT_TAG,
+    MODEL_STATES,
+    check_partitions,
+    read_zero_checkpoint,
+    resolve_zero_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +59,7 @@ def resolve_checkpoint(path: str | Path, tag: str = DEFAULT_TAG) -> Path:
 
     - a DeepSpeed ZeRO folder (``path``, ``path/tag`` or the tag named by ``path/latest``
       holds ``mp_rank_00_model_states.pt``): ``path``, every ``.pt`` of its tag folder
-      checked to be a complete torch zip file;
+      checked to be a complete torch zip file, its optimizer shards to be one per rank;
     - a folder holding ``model.safetensors`` (or a single ``.safetensors`` file): that file;
     - a ``.safetensors`` file: itself, its header read and its size checked against it;
     - a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``): itself, its zip directory checked.
@@ -82,6 +88,10 @@ def _resolve_folder(path: Path, tag: str) -> Path:
     if zero is not None:
         for f in sorted(zero.glob("*.pt")):
             _check_torch_zip(f)
+        try:  # a missing shard, or stale shards of a save with another world size: here, not when loading
+            check_partitions(zero)
+        except ValueError as e:
+            raise CheckpointError(f"DeepSpeed checkpoint {_first_line(e)}") from None
         return path
     if (path / MODEL_FILE).is_file():
         check_safetensors(path / MODEL_FILE)
@@ -249,8 +259,13 @@ def load_checkpoint(model: torch.nn.Module, source: str | Path | tp.Mapping[str,
     ``report.unexpected`` and logged; text-stack LoRA (plain UNet) and frozen base weights
     are listed apart, as they are expected in the published files.
     """
+    frozen_unread: list[str] = []
     if isinstance(source, tp.Mapping):
         state, origin = dict(source), "<state dict>"
+    elif Path(source).is_dir():  # a ZeRO folder: its frozen UNet/VAE copies are not read (the VD folder's are
+        ckpt = read_zero_checkpoint(source, tag, include_frozen=False)  # used), half the memory of reading them
+        state, origin = ckpt.state_dict, str(source)
+        frozen_unread = list(strip_wrapper_prefixes(dict.fromkeys(ckpt.frozen)))
     else:
         state, origin = read_state_dict(source, tag), str(source)
     state = strip_wrapper_prefixes(state)
@@ -280,6 +295,7 @@ def load_checkpoint(model: torch.nn.Module, source: str | Path | tp.Mapping[str,
         else:
             report.unexpected.append(key)
 
+    report.ignored_frozen += frozen_unread
     mismatched = [
         f"{name}: file {tuple(state[key].shape)} vs model {tuple(params[targets[name]].shape)}"
         for name, key in matched.items()

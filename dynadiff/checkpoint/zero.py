@@ -141,6 +141,14 @@ def read_zero_checkpoint(path: str | Path, tag: str = DEFAULT_TAG, include_froze
     )
 
 
+def check_partitions(folder: Path) -> int:
+    """The world size of the tag folder ``folder``'s optimizer shards, checked as the reader checks them (one
+    per rank of the world size they record, a ZeRO stage read here) without reading their tensors (the files
+    are memory-mapped); 0 without any shard (the reader then uses the module's weights). ValueError otherwise."""
+    files = sorted(folder.glob(OPTIM_STATES_GLOB), key=_natural_key)
+    return _read_partitions(files, folder)[1] if files else 0
+
+
 def _read_partitions(files: list[Path], folder: Path):
     optim = []
     for f in files:
@@ -159,7 +167,11 @@ def _read_partitions(files: list[Path], folder: Path):
         )
     world = _as_int(first["partition_count"], "partition_count")
     if world != len(files):
-        raise ValueError(f"{folder} should hold {world} optimizer partitions (one per rank) but holds {len(files)}")
+        ranks = {int(m.group(1)) for f in files if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+        missing = sorted(set(range(world)) - ranks)
+        raise ValueError(f"{folder} should hold {world} optimizer partitions (one per rank) but holds {len(files)}"
+                         + (f"; missing: rank {', '.join(map(str, missing))}" if missing else "")
+                         + " (an incomplete copy, or the shards of another save left in the folder?)")
     flat_groups = [sd["single_partition_of_fp32_groups"] for sd in optim]
     return stage, world, flat_groups, first.get("param_alignment_paddings")
 

@@ -1,18 +1,25 @@
 """Checkpoints: the published names load with nothing missing, every missing or unexpected
 key is reported by name, safetensors round trip, safe unpickling, DeepSpeed ZeRO folders
-(read without DeepSpeed, equal to DeepSpeed's own reader) and the convert command."""
+(read without DeepSpeed, equal to DeepSpeed's own reader) and the convert command. On every
+path (published names, other prefixes, ZeRO folder, converted and saved files) each trainable
+tensor of the model is compared with its source (``checkpoint_values.assert_model_holds``).
+The published 8-rank format: test_published_checkpoint.py."""
 
 import json
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_values import (
+    assert_model_differs,
+    assert_model_holds,
+    model_trainable_tensors,
+)
 from diffusers import UNet2DConditionModel
 from diffusers.models import Transformer2DModel
 from safetensors.torch import load_file, save_file
@@ -77,8 +84,11 @@ def _lora_count(state, stack):
 def test_published_names_load_with_nothing_missing(model_factory, tiny_vd):
     model = model_factory(seed=3)
     state = published_state_dict(tiny_vd)
+    assert_model_differs(model, state, prefix="model.")
     report = load_checkpoint(model, state)
     assert report.missing == [] and report.unexpected == []
+    # every trainable tensor of the model holds its file value (image-stack names mapped onto the plain UNet)
+    assert assert_model_holds(model, state, prefix="model.") == 9 + 80
     n_brain = 9
     assert len(report.loaded) == n_brain + _lora_count(state, 0) and _lora_count(state, 0) == 10 * 4 * 2
     assert len(report.ignored_text_stack) == _lora_count(state, 1)
@@ -96,9 +106,11 @@ def test_published_names_load_with_nothing_missing(model_factory, tiny_vd):
 def test_published_names_load_into_dual_model_exactly(model_factory, tiny_vd):
     model = model_factory(seed=3, dual_attention=True)
     state = published_state_dict(tiny_vd)
+    assert_model_differs(model, state, prefix="model.")
     report = load_checkpoint(model, state)
     assert report.missing == report.unexpected == report.ignored_text_stack == report.missing_text_stack == []
     assert len(report.loaded) == 9 + _lora_count(state, 0) + _lora_count(state, 1)
+    assert assert_model_holds(model, state, prefix="model.") == 9 + 160
     assert set(trainable_state_dict(model)) == {k[6:] for k in state if "lora_" in k or "brain" in k}
 
 
@@ -109,6 +121,7 @@ def test_dropped_keys_are_reported_by_name(model_factory, tiny_vd):
     dropped_brain = "brain_modules.clip_image.out_time_agg.bias"
     del state["model." + dropped_lora], state["model." + dropped_brain]
     before = model.brain_module.lin1.weight.detach().clone()
+    initial = {k: v.clone() for k, v in model_trainable_tensors(model).items()}
     with pytest.raises(CheckpointError, match=rf"lacks trainable weights of this model: 2: .*{re.escape(dropped_brain)}") as err:
         load_checkpoint(model, state)
     assert dropped_lora in str(err.value) and "allow_missing=True" in str(err.value)
@@ -117,6 +130,9 @@ def test_dropped_keys_are_reported_by_name(model_factory, tiny_vd):
     assert sorted(report.missing) == sorted([dropped_lora, dropped_brain])
     assert "MISSING (left at their initial values): 2:" in report.summary()
     assert torch.equal(model.brain_module.lin1.weight, state["model.brain_modules.clip_image.lin1.weight"])
+    # every other tensor holds its file value; the two missing ones kept their initial values
+    assert assert_model_holds(model, dict(state, **{"model." + k: initial[k] for k in (dropped_lora, dropped_brain)}),
+                              prefix="model.") == 9 + 80
 
 
 def test_unexpected_and_misshapen_keys(model_factory, tiny_vd, caplog):
@@ -136,15 +152,27 @@ def test_unexpected_and_misshapen_keys(model_factory, tiny_vd, caplog):
         load_checkpoint(model, state)
 
 
-def test_other_unet_prefixes_and_lightning_wrapper(model_factory, tiny_vd):
-    model = model_factory(seed=3)
-    state = {
-        ("_forward_module." + k).replace("model.unet.", "model.unet.base_model.model."): v
-        for k, v in published_state_dict(tiny_vd, with_text_stack=False).items()
-    }
+@pytest.mark.parametrize("dual", [False, True], ids=["plain", "dual"])
+@pytest.mark.parametrize("lora_prefix, reported", [
+    ("_forward_module.model.unet.base_model.model.", "unet.base_model.model."),  # Lightning wrapper + PEFT's get_peft_model
+    ("module.model.unet.base_model.model.", "unet.base_model.model."),  # DeepSpeed engine + PEFT
+    ("model.model.diffusion_model.", "model.diffusion_model."),  # another pipeline's attribute names
+    ("base_model.model.", "base_model.model."),  # PEFT around the UNet alone
+])
+def test_other_unet_prefixes_and_lightning_wrapper(model_factory, tiny_vd, dual, lora_prefix, reported):
+    """LoRA keys under another prefix are matched to the model's names, and their VALUES are the
+    ones copied into the model: every trainable tensor, not only the count of renamed keys."""
+    model = model_factory(seed=3, dual_attention=dual)
+    published = published_state_dict(tiny_vd)
+    state = {(lora_prefix + k[len("model.unet."):] if ".lora_" in k else "_forward_module." + k): v
+             for k, v in published.items()}
+    assert_model_differs(model, published, prefix="model.")
     report = load_checkpoint(model, state)
-    assert report.missing == [] and len(report.renamed) == 80
-    assert all(k.startswith("unet.base_model.model.") for k in report.renamed)
+    assert report.missing == report.unexpected == []
+    assert len(report.renamed) == (160 if dual else 80) and len(report.ignored_text_stack) == (0 if dual else 80)
+    # (keys reported once the wrapper prefixes module., _forward_module., model. are removed)
+    assert all(k.startswith(reported) and v == "unet." + k[len(reported):] for k, v in report.renamed.items())
+    assert assert_model_holds(model, published, prefix="model.") == (9 + 160 if dual else 9 + 80)
 
 
 def test_safetensors_round_trip_gives_identical_outputs(model_factory, randomise_trainable, tmp_path, brain_batch):
@@ -156,8 +184,12 @@ def test_safetensors_round_trip_gives_identical_outputs(model_factory, randomise
     before = b.reconstruct(brain[:2], subject_idx[:2])
     want = a.reconstruct(brain[:2], subject_idx[:2])
     assert (before - want).abs().max() > 1e-2
+    expected = {k: v.clone() for k, v in model_trainable_tensors(a).items()}
+    assert assert_model_holds(a, load_file(path)) == 9 + 80  # the file holds every trainable value of a
+    assert_model_differs(b, expected)
     report = load_checkpoint(b, path)
     assert report.missing == report.unexpected == [] and report.source == str(path)
+    assert assert_model_holds(b, expected) == 9 + 80
     torch.testing.assert_close(b.reconstruct(brain[:2], subject_idx[:2]), want, atol=0, rtol=0)
     meta = read_metadata(path)
     assert json.loads(meta["brain_modules_config"])["hidden"] == H
@@ -228,12 +260,6 @@ def test_zero_folder_resolution(tmp_path):
 # -- real DeepSpeed checkpoints -----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero_checkpoints(tmp_path_factory, model_factory):
     """{world size: folder} of ZeRO-2 checkpoints DeepSpeed wrote with 1 and 2 gloo ranks,
@@ -249,17 +275,11 @@ def zero_checkpoints(tmp_path_factory, model_factory):
     params = root / "params.safetensors"
     save_file(tensors, str(params), metadata={"frozen": json.dumps(frozen), "buffers": json.dumps(["model.vae.step_count"])})
     writer = Path(__file__).with_name("zero_writer.py")
-    procs = []
-    for world in (1, 2):
-        port = _free_port()
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen([sys.executable, str(writer), str(params), str(root / f"world{world}")], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+    # both checkpoints from one process that imports DeepSpeed once and forks the ranks
+    proc = subprocess.run([sys.executable, str(writer), str(params), "--spawn", f"1:{root / 'world1'}",
+                           "--spawn", f"2:{root / 'world2'}"], check=False, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return {"params": params, 1: root / "world1", 2: root / "world2"}
 
 
@@ -286,10 +306,15 @@ def test_zero_reader_equals_deepspeed(zero_checkpoints, world):
 
 @pytest.mark.slow
 def test_load_and_convert_deepspeed_checkpoint(zero_checkpoints, model_factory, tmp_path, brain_batch):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     brain, subject_idx = brain_batch
     fp32 = read_zero_checkpoint(zero_checkpoints[2]).state_dict
+    want = get_fp32_state_dict_from_zero_checkpoint(str(zero_checkpoints[2]), tag="checkpoint")  # DeepSpeed's reader
     from_folder = model_factory(seed=8)
+    assert_model_differs(from_folder, want, prefix="model.")
     report = load_checkpoint(from_folder, zero_checkpoints[2])
+    assert assert_model_holds(from_folder, want, prefix="model.") == 9 + 80
     assert report.missing == [] and report.unexpected == []
     assert len(report.ignored_text_stack) == 80 and sorted(report.ignored_frozen) == [
         "unet.conv_in.weight", "vae.encoder.conv_in.bias", "vae.step_count"]
@@ -299,18 +324,20 @@ def test_load_and_convert_deepspeed_checkpoint(zero_checkpoints, model_factory, 
 
     dst = tmp_path / "subj.safetensors"
     proc = subprocess.run([sys.executable, "-m", "dynadiff.checkpoint", "convert", str(zero_checkpoints[2]), str(dst)],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 frozen tensors left out" in proc.stdout
     converted = load_file(dst)
     assert "unet.conv_in.weight" not in converted and "vae.step_count" in converted
     assert all(not k.startswith("model.") for k in converted)
     assert read_metadata(dst)["world_size"] == "2"
+    assert all(torch.equal(converted[k], want["model." + k]) for k in converted)
     from_file = model_factory(seed=9)
     load_checkpoint(from_file, dst)
+    assert assert_model_holds(from_file, want, prefix="model.") == 9 + 80
     torch.testing.assert_close(from_file.reconstruct(brain[:2], subject_idx[:2]),
                                from_folder.reconstruct(brain[:2], subject_idx[:2]), atol=0, rtol=0)
 
     proc = subprocess.run([sys.executable, "-m", "dynadiff.checkpoint", "convert", str(tmp_path / "nope"), str(dst)],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no DeepSpeed ZeRO checkpoint at" in proc.stderr
