@@ -1,4 +1,4 @@
-"""Download and prepare the NSD data Dynadiff needs (SPEC §1).
+"""Download and prepare the NSD data Dynadiff needs (docs/behaviour.md §1).
 
     python prepare_data.py --nsd_bucket "s3://natural-scenes-dataset" --path ./nsddata
     python prepare_data.py --synthetic --path ./mini_nsd            # no download: a synthetic mini-NSD

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SUBJECT1_VOXELS = 15724  # nsdgeneral voxels of NSD subject 1 (SPEC §1)
+SUBJECT1_VOXELS = 15724  # nsdgeneral voxels of NSD subject 1 (docs/behaviour.md §1)
 VOLUME_SHAPE = (41, 52, 42)  # about half of subject 1's 81x104x83 along each axis: 37,252 brain voxels
 IMAGE_SIZE = 512
 

@@ -1,7 +1,7 @@
 """Training throughput (samples/s) of the training step of train.py, random weights and inputs.
 
 Each configuration runs :func:`dynadiff.training.optimizer_step` (the loop's own step:
-SPEC §4 loss, backward through the UNet to the brain module and LoRA, gradient
+docs/behaviour.md §4 loss, backward through the UNet to the brain module and LoRA, gradient
 clipping, AdamW) on random fMRI windows and images; a few warm-up steps, then the
 median over timed steps. Data loading is not included (train.py overlaps it with
 ``data.num_workers`` processes).

@@ -28,7 +28,7 @@ Device = tp.Annotated[str, pydantic.AfterValidator(check_device_name)]
 
 
 class NsdDatasetConfig(StrictModel):
-    """fMRI windows and stimuli of one NSD subject (SPEC §2).
+    """fMRI windows and stimuli of one NSD subject (docs/behaviour.md §2).
 
     The per-event windows are cached by ``infra`` (an exca ``MapInfra``); the
     cache key leaves out ``averaged``, ``seed`` and ``split``, which only select
@@ -164,7 +164,7 @@ class ReconstructionConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """``eval.py``: reconstruct a subject's test images, then measure them (SPEC §5).
+    """``eval.py``: reconstruct a subject's test images, then measure them (docs/behaviour.md §5).
 
     ``infra`` (an exca ``TaskInfra``) caches the finished run; its ``folder`` is
     where the run's outputs are written, in ``reconstructions_subjXX_{averaged|unaveraged}_{run_id}/``
@@ -234,7 +234,7 @@ class EvalConfig(StrictModel):
 
 
 class TrainDataConfig(StrictModel):
-    """Training data: the non-test events of one or more subjects (SPEC §2 windows).
+    """Training data: the non-test events of one or more subjects (docs/behaviour.md §2 windows).
 
     ``nsd_dataset_config`` is the data config of every subject (the same keys as
     ``eval.py``'s); ``split`` must be ``train``. ``subjects``: ``None`` trains on
@@ -320,7 +320,7 @@ class OptimizerConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """``train.py``: optimise the brain module and the UNet's LoRA (SPEC §4 training step).
+    """``train.py``: optimise the brain module and the UNet's LoRA (docs/behaviour.md §4 training step).
 
     One optimizer step = ``grad_accumulation`` micro-batches of ``batch_size``
     samples. Samples are drawn in a fresh seeded permutation per epoch and every

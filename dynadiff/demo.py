@@ -7,7 +7,7 @@
    thumbnail encoder (VD's UNet is conditioned on CLIP image tokens); written in
    VD's folder layout, so the real loader reads it;
 3. train the decoder with the real training loop (``train.py``'s configuration
-   and :func:`dynadiff.training.train`): brain module + LoRA, SPEC §4 step;
+   and :func:`dynadiff.training.train`): brain module + LoRA, docs/behaviour.md §4 step;
 4. run the real evaluation (``eval.py``'s configuration and pipeline) on the
    held-out test images, for the trained decoder and for the same decoder
    before training, and compare; the report holds the ``eval.py`` command of the

@@ -1,4 +1,4 @@
-"""The evaluation pipeline behind ``eval.py`` (SPEC §5).
+"""The evaluation pipeline behind ``eval.py`` (docs/behaviour.md §5).
 
 1. the subject's test windows (``dynadiff.data``), cached by exca;
 2. one reconstruction per test image, cached per image by exca
@@ -43,7 +43,7 @@ from dynadiff.files import write_text as _write_text
 
 logger = logging.getLogger(__name__)
 
-GT_SIZE = 512  # ground truths are saved and measured at 512x512 (SPEC §2, §5)
+GT_SIZE = 512  # ground truths are saved and measured at 512x512 (docs/behaviour.md §2, §5)
 
 
 class EvaluationError(RuntimeError):

@@ -1,4 +1,4 @@
-"""Face pixelation of reconstructions (SPEC §5), offline.
+"""Face pixelation of reconstructions (docs/behaviour.md §5), offline.
 
 Detected face boxes are enlarged by 10 % of the box's longer side on each
 side, clipped to the image, and each is replaced by the box downsampled to

@@ -1,4 +1,4 @@
-"""Training (``train.py``): the brain module and the UNet's LoRA, SPEC §4 training step.
+"""Training (``train.py``): the brain module and the UNet's LoRA, docs/behaviour.md §4 training step.
 
 - data: the non-test windows of the chosen subjects (``TrainDataConfig``), a
   validation split held out by image, windows zero-padded to the largest voxel
@@ -427,7 +427,7 @@ def _fmt(value) -> str:
 
 
 def training_step_loss(model, batch: dict, generator: torch.Generator, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """The SPEC §4 loss of one micro-batch (a hook: tests wrap it to interrupt a run)."""
+    """The docs/behaviour.md §4 loss of one micro-batch (a hook: tests wrap it to interrupt a run)."""
     device = model.device
     with _autocast(device, autocast_dtype):
         return model.training_loss(batch["brain"].to(device, non_blocking=True), batch["img"].to(device, non_blocking=True),

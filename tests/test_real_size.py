@@ -55,7 +55,7 @@ def test_real_configs_build_versatile_diffusion_sizes():
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     assert attn.heads == 8 and attn.to_k.in_features == 768  # 8 heads of 40 channels at 320
     assert vae.config.scaling_factor == 0.18215 and vae.config.latent_channels == 4  # the default: not in VD's file
-    assert "clip_sample" not in realsize.VD_SCHEDULER_CONFIG  # DDPM's default applies (SPEC §4)
+    assert "clip_sample" not in realsize.VD_SCHEDULER_CONFIG  # DDPM's default applies (docs/behaviour.md §4)
 
 
 def test_published_checkpoint_tensors():
@@ -70,7 +70,7 @@ def test_published_checkpoint_tensors():
     assert shapes["brain_modules.clip_image.lin0.weight"] == (6 * 1552, 1, 1552)
     assert shapes["unet.mid_block.attentions.0.transformers.1.transformer_blocks.0.attn2.to_k.lora_A.default.weight"] == (4, 768)
     assert shapes["unet.up_blocks.3.attentions.2.transformers.0.transformer_blocks.0.attn2.to_out.0.lora_B.default.weight"] == (320, 4)
-    # SPEC §4's element count (341,467,687) is that of a 12,682-voxel model: subject 7's nsdgeneral count
+    # docs/behaviour.md §4's element count (341,467,687) is that of a 12,682-voxel model: subject 7's nsdgeneral count
     assert sum(math.prod(s) for s in realsize.published_trainable_shapes(12682).values()) == 341_467_687
 
 

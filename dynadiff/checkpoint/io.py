@@ -1,6 +1,6 @@
 """Checkpoint files <-> ``DynadiffModel``, with an explicit report of what was loaded.
 
-Names on disk are the published ones (SPEC §4): the model's state dict with the Lightning
+Names on disk are the published ones (docs/behaviour.md §4): the model's state dict with the Lightning
 prefix ``model.`` removed, e.g. ``brain_modules.clip_image.lin0.weight`` and, for LoRA,
 the dual-attention UNet's names
 ``unet.down_blocks.0.attentions.0.transformers.0.transformer_blocks.0.attn2.to_q.lora_A.default.weight``

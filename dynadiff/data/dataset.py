@@ -1,4 +1,4 @@
-"""NSD fMRI windows and stimuli as a torch ``Dataset`` (SPEC §2).
+"""NSD fMRI windows and stimuli as a torch ``Dataset`` (docs/behaviour.md §2).
 
 Flow: list the subject's task runs -> read each design -> keep the events of
 the split -> per run, load + mask + clean the series once and cut every

@@ -1,4 +1,4 @@
-"""Download the NSD files Dynadiff needs from S3 (SPEC §1), resumably.
+"""Download the NSD files Dynadiff needs from S3 (docs/behaviour.md §1), resumably.
 
 What is fetched for each chosen subject:
 
@@ -190,7 +190,7 @@ class RemoteObject:
 def needed_files(
     subjects: tp.Iterable[int], sessions: tp.Iterable[int] | None = None
 ) -> tuple[dict[str, str], list[str]]:
-    """What SPEC §1 needs, relative to the bucket prefix.
+    """What docs/behaviour.md §1 needs, relative to the bucket prefix.
 
     Returns ``(files, folders)``: ``files`` maps each exact key to its local
     relative path; ``folders`` lists key prefixes (ending with '/') whose whole
@@ -569,7 +569,7 @@ def download_nsd(
     retries: int = 5,
     client=None,
 ) -> DownloadSummary:
-    """Download what SPEC §1 lists for ``subjects`` (all 40 sessions unless ``sessions``) into ``root``.
+    """Download what docs/behaviour.md §1 lists for ``subjects`` (all 40 sessions unless ``sessions``) into ``root``.
 
     ``max_bandwidth`` caps the total throughput in bytes per second (None: no cap).
     Raises :class:`DownloadError` for missing/unsafe keys, access problems and failed transfers, and

@@ -1,4 +1,4 @@
-"""Stimulus preparation (SPEC §1): ``nsd_stimuli/{k}.png`` and ``test_images_ids.npy``.
+"""Stimulus preparation (docs/behaviour.md §1): ``nsd_stimuli/{k}.png`` and ``test_images_ids.npy``.
 
 ``nsd_stimuli.hdf5`` holds ``imgBrick`` (73000, 425, 425, 3) uint8, about
 40 GB. It is never loaded whole: worker processes each open the file and read

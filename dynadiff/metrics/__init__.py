@@ -1,4 +1,4 @@
-"""Image-reconstruction metrics of Dynadiff (SPEC §5).
+"""Image-reconstruction metrics of Dynadiff (docs/behaviour.md §5).
 
 Metric names: ``pixcorr, ssim, alexnet2, alexnet5, inception, clip, effnet,
 swav, dreamsim``. One module per family:

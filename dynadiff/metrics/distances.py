@@ -1,4 +1,4 @@
-"""Correlation distance between paired feature vectors (EffNet-B, SwAV; SPEC §5).
+"""Correlation distance between paired feature vectors (EffNet-B, SwAV; docs/behaviour.md §5).
 
 ``1 - Pearson r`` of each reconstruction's flattened features with its own
 ground truth's (``scipy.spatial.distance.correlation``); lower is better.

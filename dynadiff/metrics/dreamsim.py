@@ -1,4 +1,4 @@
-"""DreamSim distance (SPEC §5): the ``dreamsim`` package's default ensemble, from a local cache.
+"""DreamSim distance (docs/behaviour.md §5): the ``dreamsim`` package's default ensemble, from a local cache.
 
 ``dreamsim(pretrained=True, cache_dir=...)`` downloads whatever its cache lacks
 (from GitHub releases and through ``torch.hub``): we check the cache first

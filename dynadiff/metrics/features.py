@@ -1,4 +1,4 @@
-"""Feature networks of the metric suite, loaded from local files only (SPEC §5).
+"""Feature networks of the metric suite, loaded from local files only (docs/behaviour.md §5).
 
 One preprocessing path for the family (:func:`feature_input`): torchvision's
 resize of the PIL image to 224x224 (bilinear, antialiased), ``to_tensor``,

@@ -1,4 +1,4 @@
-"""Two-way identification (SPEC §5) on flattened features.
+"""Two-way identification (docs/behaviour.md §5) on flattened features.
 
 ``r[i, j] = corr(reconstruction_i, ground_truth_j)``. Two directions:
 

@@ -1,4 +1,4 @@
-"""PixCorr and SSIM (SPEC §5): both images resized to 425x425 with PIL's bicubic filter.
+"""PixCorr and SSIM (docs/behaviour.md §5): both images resized to 425x425 with PIL's bicubic filter.
 
 The one resize path of this family is :func:`pixel_array`.
 """

@@ -1,4 +1,4 @@
-"""Brain module (SPEC §3): fMRI window (B, V, T) -> conditioning tokens (B, 257, 768).
+"""Brain module (docs/behaviour.md §3): fMRI window (B, V, T) -> conditioning tokens (B, 257, 768).
 
 Parameter names and shapes of the published configuration are those of the
 released checkpoints (under ``brain_modules.clip_image.``):

@@ -1,7 +1,7 @@
 """Configs of the decoder (cheap import: pydantic only, no torch, no diffusers).
 
-``FmriMLPConfig`` describes the brain module (SPEC §3), ``VersatileDiffusionConfig``
-the diffusion decoder (SPEC §4). Defaults are the published Dynadiff settings.
+``FmriMLPConfig`` describes the brain module (docs/behaviour.md §3), ``VersatileDiffusionConfig``
+the diffusion decoder (docs/behaviour.md §4). Defaults are the published Dynadiff settings.
 Each config builds its object with ``.build(...)``; a bad option combination is a
 validation error here, at config time, not deep inside a forward pass.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydantic
 
-# Published LoRA targets (SPEC §4): the cross-attention projections of every transformer block.
+# Published LoRA targets (docs/behaviour.md §4): the cross-attention projections of every transformer block.
 LORA_TARGET_MODULES = ("attn2.to_k", "attn2.to_q", "attn2.to_v", "attn2.to_out.0")
 
 
@@ -24,7 +24,7 @@ class _StrictModel(pydantic.BaseModel):
 class FmriMLPConfig(_StrictModel):
     """Brain module: (B, V, T) fMRI window -> (B, n_tokens, token_dim) conditioning tokens.
 
-    Published configuration (SPEC §3): per-subject linear layer V -> 1552, a different
+    Published configuration (docs/behaviour.md §3): per-subject linear layer V -> 1552, a different
     Linear(1552 -> 1552) per TR, LayerNorm -> GELU -> Dropout(0.5), no residual block,
     a Linear(T -> 1) over time, Linear(1552 -> 257 * 768).
 
@@ -94,12 +94,12 @@ class VersatileDiffusionConfig(_StrictModel):
         contributes exactly nothing, so this gives the original's outputs faster (proved in
         tests/models). true: the original's dual-attention UNet (loads ``text_unet/`` too),
         for checking that claim on real weights.
-    scheduler: sampler; ``ddpm`` is the original's (SPEC §4 quirk: DDPM, not DDIM).
+    scheduler: sampler; ``ddpm`` is the original's (docs/behaviour.md §4 quirk: DDPM, not DDIM).
     precision: dtype of the frozen UNet and VAE weights and of the UNet's compute; the
         trainable weights (brain module, LoRA) stay float32.
     image_size: side of the reconstructed images in pixels (latents are image_size / the
         VAE's downsampling factor).
-    cond_drop_prob, noise_offset, timestep_sampling: training step (SPEC §4).
+    cond_drop_prob, noise_offset, timestep_sampling: training step (docs/behaviour.md §4).
     """
 
     vd_cache_dir: Path = Path("./versatile_diffusion")

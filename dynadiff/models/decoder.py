@@ -1,4 +1,4 @@
-"""The Dynadiff decoder (SPEC §4): brain module -> tokens -> VD image UNet with LoRA -> VAE.
+"""The Dynadiff decoder (docs/behaviour.md §4): brain module -> tokens -> VD image UNet with LoRA -> VAE.
 
 ``build_model`` loads the Versatile Diffusion parts from a local folder and returns a
 ``DynadiffModel`` with ``training_loss`` (one training step's loss) and
@@ -149,7 +149,7 @@ class DynadiffModel(nn.Module):
 
     def training_loss(self, brain: torch.Tensor, img: torch.Tensor, subject_idx: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """The loss of one training step (SPEC §4), a float32 scalar.
+        """The loss of one training step (docs/behaviour.md §4), a float32 scalar.
 
         img: (B, 3, H, W) in [0, 1]. Latents = VAE sample of ``2 img - 1`` times the
         scaling factor; cubic timesteps; noise ``randn + noise_offset * randn(B, C, 1, 1)``;

@@ -74,7 +74,7 @@ VD_VAE_CONFIG = {
 }
 
 # shi-labs/versatile-diffusion scheduler/scheduler_config.json: the PNDM scheduler of the conversion script.
-# No clip_sample key: a DDPMScheduler built from it takes DDPM's default (SPEC §4).
+# No clip_sample key: a DDPMScheduler built from it takes DDPM's default (docs/behaviour.md §4).
 VD_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.8.0.dev0",
@@ -97,7 +97,7 @@ N_LORA_TENSORS = 256  # 16 transformers x 4 projections x (A, B) x 2 stacks
 N_TRAINABLE_TENSORS = N_BRAIN_TENSORS + N_LORA_TENSORS
 LIGHTNING_PREFIX = "model."
 ZERO_TAG = "checkpoint"
-DS_VERSION = "0.15.1"  # the DeepSpeed version that wrote the published checkpoints (SPEC §4)
+DS_VERSION = "0.15.1"  # the DeepSpeed version that wrote the published checkpoints (docs/behaviour.md §4)
 
 _ATTENTION = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)\.(.*)$")
 

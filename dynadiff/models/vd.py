@@ -20,7 +20,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 HF_REPO = "shi-labs/versatile-diffusion"
-# Dual-attention conditioning (SPEC §4): [77 text tokens, 257 image tokens].
+# Dual-attention conditioning (docs/behaviour.md §4): [77 text tokens, 257 image tokens].
 TEXT_TOKENS = 77
 IMAGE_TOKENS = 257
 # transformers[1] (text stack) reads condition 0 (the 77 text tokens),
@@ -79,7 +79,7 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 def build_scheduler(name: str, scheduler_config: dict):
     """A fresh scheduler built from VD's scheduler config.
 
-    ``ddpm`` is what the original sampled with (SPEC §4 quirk); ``ddim`` (eta 0) and
+    ``ddpm`` is what the original sampled with (docs/behaviour.md §4 quirk); ``ddim`` (eta 0) and
     ``dpmsolver++`` (second order, multistep) are faster alternatives.
     """
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
@@ -122,7 +122,7 @@ class DualTransformer(DualTransformer2DModel):
 
     Its ``forward`` (diffusers' own) does not take ``encoder_attention_mask``, which
     ``UNet2DConditionModel``'s blocks pass: this subclass accepts and ignores it (the
-    original passed no mask). Configured as in Dynadiff (SPEC §4): mix ratio 0,
+    original passed no mask). Configured as in Dynadiff (docs/behaviour.md §4): mix ratio 0,
     condition lengths [77, 257], transformer index for condition [1, 0].
     """
 

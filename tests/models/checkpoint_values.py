@@ -1,7 +1,7 @@
 """Test helper (not a test): the published checkpoint names, and value checks that read the
 model's parameters directly, with a name mapping of their own (not dynadiff.checkpoint's).
 
-The published Dynadiff checkpoints (SPEC §4) hold 265 trainable tensors under Lightning's
+The published Dynadiff checkpoints (docs/behaviour.md §4) hold 265 trainable tensors under Lightning's
 ``model.`` prefix: the 9 brain-module tensors and, for each of the dual-attention UNet's 16
 attention blocks (VD's layout: down blocks 0-2 x 2, the mid block, up blocks 1-3 x 3) and
 each of its two transformer stacks (``transformers.0`` image, ``transformers.1`` text), LoRA

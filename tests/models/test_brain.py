@@ -41,7 +41,7 @@ def test_published_parameter_names_and_shapes():
 
 
 def _reference(m, brain, subject_idx):
-    """SPEC §3 written out sample by sample and TR by TR, per-TR layer as the original's
+    """docs/behaviour.md §3 written out sample by sample and TR by TR, per-TR layer as the original's
     grouped Conv1d, LayerNorm and GELU from their formulas."""
     conv = nn.Conv1d(T, T * H, kernel_size=H, groups=T)
     with torch.no_grad():

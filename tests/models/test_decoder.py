@@ -105,7 +105,7 @@ def test_ddpm_schedule_is_leading_with_offset(tiny_model):
 
 
 def _reference_sample(m, brain, subject_idx, seed, steps, scale):
-    """SPEC §4's sampler written from the DDPM formulas, one image at a time."""
+    """docs/behaviour.md §4's sampler written from the DDPM formulas, one image at a time."""
     acp = _betas_cumprod()
     ratio = 1000 // steps
     timesteps = [k * ratio + 1 for k in range(steps - 1, -1, -1)]
@@ -158,7 +158,7 @@ def test_reconstruct_deterministic_and_batch_invariant(tiny_model, brain_batch):
 
 
 def test_default_seed_gives_every_image_the_same_initial_noise(tiny_model):
-    """Same fMRI -> same image whatever its place in the batch (per-call seed, SPEC §4)."""
+    """Same fMRI -> same image whatever its place in the batch (per-call seed, docs/behaviour.md §4)."""
     brain = torch.randn(1, 23, 6, generator=torch.Generator().manual_seed(8)).expand(2, -1, -1)
     out = tiny_model.reconstruct(brain, torch.tensor([0, 0]))
     torch.testing.assert_close(out[0], out[1], atol=2e-5, rtol=1e-5)

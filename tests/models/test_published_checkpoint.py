@@ -1,4 +1,4 @@
-"""The published checkpoint format, written by DeepSpeed itself (SPEC §4), read back value by value.
+"""The published checkpoint format, written by DeepSpeed itself (docs/behaviour.md §4), read back value by value.
 
 A module fixture has DeepSpeed (gloo, CPU) write, through ``zero_writer.py``, a ZeRO stage-2
 checkpoint with **8 ranks** of a Lightning-like module holding a tiny dual-attention model in
