@@ -22,6 +22,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models are dominated by per-op overhead: on a shared 2-core machine two OpenMP threads make them
+    5-8x slower than one. Restored after the test."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def synthetic_nsd(tmp_path_factory):
     """A prepared synthetic mini-NSD for subject 1, sessions 1 and 21 (read-only: copy it to modify)."""

@@ -18,13 +18,8 @@ IMAGE_SIZE = 64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are dominated by per-op overhead: on a shared 2-core machine two
-    OpenMP threads make them 5-8x slower than one. Restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """Every test here on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

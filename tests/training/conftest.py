@@ -8,19 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 32
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are per-op-overhead bound: one thread beats two on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """Every test here on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
