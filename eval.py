@@ -28,13 +28,19 @@ INFRA_TARGETS = {"task_infra_data": "data.nsd_dataset_config.infra", "map_infra_
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--compute-miou", action="store_true", help="also compute mIoU (separate environment)")
+    return p.parse_intermixed_args(argv)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """eval.py's options (but --compute-miou), which timecourse.py shares."""
     p.add_argument("--subject", type=int, choices=[1, 2, 5, 7], help="NSD subject (default: from the config, 1)")
     p.add_argument("--averaged-trial", action="store_true", help="average the repetitions of each test image")
     p.add_argument("--cache", type=Path, help="cache and output folder (default ./cache)")
     p.add_argument("--seed", type=int, help="which repetition of each image, unaveraged (default 3)")
     p.add_argument("--vd_cache_dir", type=Path, help="local Versatile Diffusion folder (Hugging Face layout)")
     p.add_argument("--infra-yaml", type=Path, help="cluster resources (custom_infra.yaml)")
-    p.add_argument("--compute-miou", action="store_true", help="also compute mIoU (separate environment)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder or .safetensors (default checkpoints/subjXX)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, help="images generated at once")
@@ -44,7 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base YAML config")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
-    return p.parse_intermixed_args(argv)
 
 
 # options that set one config key to their value
@@ -59,7 +64,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append("data.nsd_dataset_config.averaged=true")
     if args.cache is not None:
         out += [f"{k}={args.cache}" for k in ("data.nsd_dataset_config.infra.folder", "infra.folder", "image_generation.folder")]
-    if args.compute_miou:
+    if getattr(args, "compute_miou", False):
         out.append("compute_miou=true")
     if args.no_blur_faces:
         out.append("blur_faces=false")
@@ -104,6 +109,26 @@ def brain_overrides(args: argparse.Namespace, cfg, checkpoint: Path, recorded: d
     return [f"brain_modules_config.{k}={json.dumps(v)}" for k, v in recorded.items()]
 
 
+def window_overrides(args: argparse.Namespace, cfg, checkpoint: Path, recorded: dict) -> list[str]:
+    """``data.nsd_dataset_config.{offset,duration}`` of the window a train.py checkpoint was trained on: they replace
+    the config file's (logged); a value given on the command line that disagrees is a :class:`ConfigError`."""
+    given = cfg.data.nsd_dataset_config
+    on_command_line = {o.split("=", 1)[0].strip() for o in args.overrides if "=" in o}
+    keys = {k: f"data.nsd_dataset_config.{k}" for k in recorded}
+    conflicts = [f"{k}={getattr(given, k)!r} (checkpoint: {v!r})" for k, v in recorded.items()
+                 if getattr(given, k) != v and keys[k] in on_command_line]
+    if conflicts:
+        raise ConfigError(
+            f"the window given on the command line disagrees with checkpoint {checkpoint}, which was trained on "
+            f"another: {', '.join(conflicts)}. Drop those overrides: the window is taken from the checkpoint")
+    changed = {k: v for k, v in recorded.items() if getattr(given, k) != v}
+    if changed:
+        logger.info("fMRI window from the checkpoint's training config: %s (the config file has %s)",
+                    ", ".join(f"{k}={v:g} s" for k, v in changed.items()),
+                    ", ".join(f"{k}={getattr(given, k):g} s" for k in changed))
+    return [f"{keys[k]}={v!r}" for k, v in changed.items()]
+
+
 def resolve_config(args: argparse.Namespace):
     """The configuration of the run, its inputs checked: the checkpoint resolved (a folder holding one
     model.safetensors: that file) and digested, the brain module's configuration from its metadata, the data
@@ -116,6 +141,11 @@ def resolve_config(args: argparse.Namespace):
              f"data_digest={checked.data_digest}"]
     if checked.brain_config is not None:
         extra += brain_overrides(args, cfg, checked.checkpoint, checked.brain_config)
+    from dynadiff.evaluation import checkpoint_window
+
+    window = checkpoint_window(checked.checkpoint)
+    if window is not None:
+        extra += window_overrides(args, cfg, checked.checkpoint, window)
     return build_config(args, extra=tuple(extra))
 
 

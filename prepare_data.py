@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic", action="store_true",
                         help="write a synthetic mini-NSD into --path instead of downloading, then prepare it")
     parser.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default: 0)")
+    parser.add_argument("--hrf-peak-s", type=float, default=5.0, metavar="SECONDS",
+                        help="--synthetic: seconds from a trial's onset to the peak of its BOLD response (default 5)")
     parser.add_argument("--windows", choices=tuple(WINDOW_SPLITS), default=None,
                         help="then compute the fMRI windows of every chosen subject into the cache eval.py (test) "
                         "and train.py (train) read; all: both (default: not done, except with --infra-yaml: all)")
@@ -304,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-bandwidth must be a positive number of bytes per second, got {args.max_bandwidth}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not 0 < args.hrf_peak_s <= 20:  # also refuses nan
+        parser.error(f"--hrf-peak-s must be within (0, 20] seconds, got {args.hrf_peak_s}")
+    if args.hrf_peak_s != 5.0 and not args.synthetic:
+        parser.error("--hrf-peak-s shapes the synthetic mini-NSD: it needs --synthetic")
     if args.sessions is not None and any(not 1 <= s <= N_SESSIONS for s in args.sessions):
         parser.error(f"--sessions must be in 1..{N_SESSIONS}, got {args.sessions}")
     if args.download_only and (args.windows or args.infra_yaml is not None):
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.synthetic:
             from dynadiff.data.synthetic import write_synthetic_nsd
 
-            info = write_synthetic_nsd(args.path, subjects=subjects, seed=args.seed)
+            info = write_synthetic_nsd(args.path, subjects=subjects, seed=args.seed, hrf_peak_s=args.hrf_peak_s)
             logger.info("synthetic mini-NSD written to %s (subjects %s, %d images); use it with: %s",
                         args.path, info["subjects"], info["n_images"], " ".join(info["overrides"]))
             if sessions is None:  # its sessions only (the same for every subject)

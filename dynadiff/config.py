@@ -163,6 +163,53 @@ class ReconstructionConfig(StrictModel):
         yield from generate_images(self, indices)
 
 
+class RunSeriesConfig(StrictModel):
+    """Whole cleaned runs, cached per run by exca: (voxels, 225) float32, the nsdgeneral voxels detrended and
+    z-scored (as for the windows). A time course cuts every offset's windows from them, so no run is loaded and
+    cleaned more than once for a whole sweep (``timecourse.py``)."""
+
+    nsddata_path: Path = Path("./nsddata")
+    infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
+
+    @infra.apply(item_uid=lambda item: item.uid)
+    def series(self, items: tp.Sequence[nsd.RunEvents]) -> tp.Iterator[np.ndarray]:
+        """Per item (a run; its ``volumes`` are ignored): the cleaned run."""
+        from dynadiff.data.dataset import clean_runs
+
+        setup_job_logging()
+        yield from clean_runs(self.nsddata_path, items)
+
+
+class SweepGenerationConfig(StrictModel):
+    """Reconstructions of a time course (``timecourse.py``), cached per (offset, test image) by exca.
+
+    Items are ``"{offset}:{index}"``: the test sample ``index`` (eval.py's order) decoded from the ``n_trs``-TR
+    window that starts ``offset`` volumes after its onset. The cache key holds what :class:`ReconstructionConfig`'s
+    does (checkpoint and its digest, data selection and digest, model and sampler settings) and ``n_trs``.
+    """
+
+    data: NsdDatasetConfig = NsdDatasetConfig()
+    brain_modules_config: FmriMLPConfig = FmriMLPConfig()
+    versatilediffusion_config: VersatileDiffusionConfig = VersatileDiffusionConfig()
+    checkpoint: Path = Path("./checkpoints/subj01")
+    checkpoint_digest: str = ""
+    data_digest: str = ""
+    n_trs: int = pydantic.Field(6, ge=1)
+    allow_missing_keys: bool = False
+    device: Device = "auto"
+    batch_size: int = pydantic.Field(4, ge=1)
+    to_uint8: tp.Literal["truncate", "round"] = "truncate"
+    infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
+
+    @infra.apply(item_uid=str, exclude_from_cache_uid=("device", "batch_size"))
+    def generate(self, items: tp.Sequence[str]) -> tp.Iterator[np.ndarray]:
+        """(H, W, 3) uint8 reconstruction of each ``"{offset}:{index}"`` item (before face blurring)."""
+        from dynadiff.timecourse import generate_sweep_images
+
+        setup_job_logging()
+        yield from generate_sweep_images(self, items)
+
+
 class EvalConfig(StrictModel):
     """``eval.py``: reconstruct a subject's test images, then measure them (docs/behaviour.md §5).
 

@@ -134,6 +134,21 @@ def checkpoint_brain_config(path: Path) -> dict | None:
         return None
 
 
+def checkpoint_window(path: Path) -> dict | None:
+    """``{"offset": s, "duration": s}``: the window a ``train.py`` checkpoint was trained on (its metadata's training
+    config); None for a checkpoint without it (the published ones: offset 4.6 s, duration 8 s)."""
+    from dynadiff.checkpoint import read_metadata
+
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    try:
+        data = json.loads(read_metadata(path).get("train_config", "null"))["data"]["nsd_dataset_config"]
+        return {"offset": float(data["offset"]), "duration": float(data["duration"])}
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def checkpoint_layout(path: Path, subject: int, n_voxels: int | None = None) -> tuple[int | None, int, int]:
     """(input width of the brain module, number of subject layers, this subject's layer) of a checkpoint.
 
@@ -170,24 +185,27 @@ def checkpoint_layout(path: Path, subject: int, n_voxels: int | None = None) -> 
     return width, len(subjects), subjects.index(subject)
 
 
-def build_decoder(cfg: ReconstructionConfig, n_voxels: int, n_subjects: int = 1):
-    """The model with the checkpoint's weights, on its device, in eval mode; a clear error on mismatch."""
+def build_decoder(cfg: ReconstructionConfig, n_voxels: int, n_subjects: int = 1, n_timepoints: int = 6):
+    """The model with the checkpoint's weights, on its device, in eval mode; a clear error on mismatch.
+
+    ``n_timepoints``: the TRs of the windows it reads (the data's; a checkpoint trained on other windows does not
+    fit, and the error says so)."""
     from dynadiff.checkpoint import CheckpointError, load_checkpoint
 
     device = resolve_device(cfg.device)
     model = cfg.versatilediffusion_config.build(cfg.brain_modules_config, n_voxels=n_voxels, n_subjects=n_subjects,
-                                                device=device)
+                                                n_timepoints=n_timepoints, device=device)
     try:
         load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
     except CheckpointError as e:
-        raise EvaluationError(f"{mismatch_cause(e, n_voxels, cfg.data.subject)}\n{e}") from e
+        raise EvaluationError(f"{mismatch_cause(e, n_voxels, cfg.data.subject, n_timepoints)}\n{e}") from e
     except (OSError, ValueError) as e:  # contents the up-front checks could not see (e.g. a damaged shard)
         raise EvaluationError(f"checkpoint {cfg.checkpoint} cannot be read: {e}") from e
     model.eval()
     return model, device
 
 
-def mismatch_cause(error: Exception, n_voxels: int, subject: int) -> str:
+def mismatch_cause(error: Exception, n_voxels: int, subject: int, n_timepoints: int | None = None) -> str:
     """What a checkpoint that does not fit the model most likely is, from the shapes in the loader's error.
 
     Only the voxel axis differing (the subject layer's input size): the checkpoint of another subject (or of
@@ -204,6 +222,10 @@ def mismatch_cause(error: Exception, n_voxels: int, subject: int) -> str:
     if all(ours == n_voxels and theirs is not None for _, theirs, ours in differing):
         return (f"the checkpoint expects {differing[0][1]} voxels per window, and subject {subject} has {n_voxels} "
                 "nsdgeneral voxels in this data: is it the checkpoint of another subject?")
+    if n_timepoints is not None and all(re.search(r"(^|\.)(lin0|in_time_agg|out_time_agg)\.", name)
+                                        for name, _, _ in differing):
+        return (f"the checkpoint was trained on windows of another number of TRs than these {n_timepoints}: set "
+                "data.nsd_dataset_config.offset and duration to the ones it was trained with")
     if all(".lora_" in name for name, _, _ in differing):
         return "the checkpoint's LoRA sizes differ from this model's: check versatilediffusion_config.lora_rank"
     return ("the checkpoint's brain module has other sizes than brain_modules_config (hidden, n_tokens, "
@@ -239,7 +261,7 @@ def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.
         return
     ds = cfg.data.build()
     width, n_subjects, subject_idx = checkpoint_layout(cfg.checkpoint, cfg.data.subject, ds.n_voxels)
-    model, device = build_decoder(cfg, width, n_subjects)
+    model, device = build_decoder(cfg, width, n_subjects, ds.n_trs)
     logger.info("generating %d image(s) on %s", len(indices), device)
     windows = (np.pad(ds.brain(i), ((0, width - ds.n_voxels), (0, 0))) for i in indices)  # zeros: as in training
     seed = cfg.versatilediffusion_config.seed

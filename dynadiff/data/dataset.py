@@ -100,17 +100,23 @@ def load_masked_run(path: Path, mask: np.ndarray, n_volumes: int = N_VOLUMES_USE
     return out
 
 
-def compute_run_windows(cfg: "NsdDatasetConfig", items: tp.Iterable[nsd.RunEvents]) -> tp.Iterator[np.ndarray]:
-    """Windows (n_events, voxels, n_trs) float32 for each item, each run loaded and cleaned once."""
-    root = Path(cfg.nsddata_path)
+def clean_runs(root: Path, items: tp.Iterable[nsd.RunEvents], sessions=None) -> tp.Iterator[np.ndarray]:
+    """(voxels, 225) float32 per item: its run's nsdgeneral voxels, detrended and z-scored (each run loaded and
+    cleaned once per item; ``sessions`` only shape the fix an error proposes)."""
+    root = Path(root)
     masks: dict[int, np.ndarray] = {}
     for item in items:
         run = item.run
         if run.subject not in masks:
-            masks[run.subject] = load_mask(root, run.subject, cfg.sessions)
+            masks[run.subject] = load_mask(root, run.subject, sessions)
         fix = nsd.fetch_command(root, [run.subject], [run.session])
-        series = load_masked_run(run.timeseries_path(root), masks[run.subject], fix=fix)
-        clean = detrend_zscore(series)
+        yield detrend_zscore(load_masked_run(run.timeseries_path(root), masks[run.subject], fix=fix))
+
+
+def compute_run_windows(cfg: "NsdDatasetConfig", items: tp.Iterable[nsd.RunEvents]) -> tp.Iterator[np.ndarray]:
+    """Windows (n_events, voxels, n_trs) float32 for each item, each run loaded and cleaned once."""
+    items = list(items)
+    for item, clean in zip(items, clean_runs(Path(cfg.nsddata_path), items, cfg.sessions)):
         yield extract_windows(clean, item.volumes, cfg.offset, cfg.duration)
 
 
@@ -120,8 +126,12 @@ class Trial(tp.NamedTuple):
     nsd_id: int  # 1-based
 
 
-def list_trials(cfg: "NsdDatasetConfig") -> tuple[list[nsd.RunEvents], list[Trial]]:
-    """The split's events in chronological order (sessions, runs, volumes), grouped per run."""
+def list_trials(cfg: "NsdDatasetConfig", check_windows: bool = True) -> tuple[list[nsd.RunEvents], list[Trial]]:
+    """The split's events in chronological order (sessions, runs, volumes), grouped per run.
+
+    ``check_windows``: an event whose window (the config's offset and duration) runs past its run is an
+    error (windows are never padded); off for a time course, which drops such events per offset.
+    """
     root = Path(cfg.nsddata_path)
     runs = nsd.list_runs(cfg.subject, cfg.sessions)
     nsd.check_files_exist(root, runs, cfg.subject)
@@ -136,7 +146,7 @@ def list_trials(cfg: "NsdDatasetConfig") -> tuple[list[nsd.RunEvents], list[Tria
         volumes, ids = volumes[keep], ids[keep]
         if not len(volumes):
             continue
-        for t in volumes:
+        for t in volumes if check_windows else ():
             start, end = window_bounds(int(t), cfg.offset, cfg.duration)
             if start < 0 or end > N_VOLUMES_USED:
                 raise nsd.NsdDataError(

@@ -103,6 +103,8 @@ def fetch_command(root: Path, subjects=None, sessions=None) -> str:
         try:
             summary = json.loads((root / SYNTHETIC_SUMMARY).read_text())
             extra = f" --subjects {' '.join(map(str, summary['subjects']))} --seed {int(summary['seed'])}"
+            if summary.get("hrf_peak_s", 5.0) != 5.0:
+                extra += f" --hrf-peak-s {summary['hrf_peak_s']}"
         except (OSError, ValueError, KeyError, TypeError):  # an interrupted write has no summary yet
             extra = ""
         return f"python prepare_data.py --synthetic --path {root}{extra}"

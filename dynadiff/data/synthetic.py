@@ -18,7 +18,7 @@ data, and never a mix of two synthetic datasets.
 The BOLD signal comes from a known encoding model, so decoders can learn:
 each image has features (its 4x4 RGB thumbnail, standardised); each visual
 voxel responds linearly to them; responses are placed at trial onsets,
-convolved with a haemodynamic response peaking 5 s after onset, and added to
+convolved with a haemodynamic response peaking ``hrf_peak_s`` (5 s) after onset, and added to
 a per-voxel baseline with linear + slow sinusoidal drift and Gaussian noise.
 Everything is deterministic from ``seed``.
 """
@@ -62,15 +62,24 @@ class SyntheticParams:
     visual_fraction: float = 0.35  # fraction of the brain labelled nsdgeneral > 0
     signal_percent: float = 2.0  # peak response, % of baseline
     noise_percent: float = 0.6  # noise std, % of baseline
+    hrf_peak_s: float = 5.0  # seconds from a trial's onset to the peak of its BOLD response
     seed: int = 0
 
 
-def hrf(tr: float = TR, length_s: float = 24.0) -> np.ndarray:
-    """Double-gamma haemodynamic response sampled every ``tr`` s, peak at 5 s, unit max."""
+def hrf(tr: float = TR, length_s: float = 24.0, peak_s: float = 5.0) -> np.ndarray:
+    """Double-gamma haemodynamic response sampled every ``tr`` s, unit max.
+
+    The canonical shape (gamma(6) minus gamma(16)/6, peak at 5 s) stretched in time by
+    ``peak_s / 5``: its peak is at ``peak_s`` (within a TR's sampling) and ``length_s``
+    grows with it.
+    """
     from scipy.stats import gamma
 
-    t = np.arange(0.0, length_s, tr)
-    h = gamma.pdf(t, 6.0, scale=1.0) - gamma.pdf(t, 16.0, scale=1.0) / 6.0  # mode of the first: 5 s
+    if not peak_s > 0:
+        raise ValueError(f"the response's peak must be after the onset, got peak_s={peak_s}")
+    scale = peak_s / 5.0  # the mode of gamma(6, scale) is 5 * scale
+    t = np.arange(0.0, length_s * max(scale, 1.0), tr)
+    h = gamma.pdf(t, 6.0, scale=scale) - gamma.pdf(t, 16.0, scale=scale) / 6.0
     return h / h.max()
 
 
@@ -233,9 +242,9 @@ def _write(root: Path, p: SyntheticParams) -> dict:
     _write_expdesign(root / nsd.EXPDESIGN_FILE, test_ids, subjectim, masterordering)
     _write_brick(root / nsd.STIMULI_FILE, images)
 
-    h = hrf()
+    h = hrf(peak_s=p.hrf_peak_s)
     summary = {"subjects": list(p.subjects), "sessions": {}, "n_voxels": {}, "n_images": n_images,
-               "test_ids": test_ids.tolist(), "seed": p.seed}
+               "test_ids": test_ids.tolist(), "seed": p.seed, "hrf_peak_s": p.hrf_peak_s}
     for subject in p.subjects:
         shape = shapes[subject]
         roi = make_roi(shape, p.visual_fraction, rng)

@@ -1,0 +1,505 @@
+"""Time-resolved decoding behind ``timecourse.py``: the same test images decoded from windows that slide over time.
+
+For each offset ``k`` (in TRs from the trial's onset volume ``t``), every test image is decoded from the window
+``[t + k, t + k + n)`` of the model's own length ``n`` (6 TRs for the published checkpoints, whose window is
+``[t + 3, t + 9)``: eval.py's), by the same checkpoint. Then each offset is measured like eval.py measures its
+run, with a bootstrap interval over images.
+
+- **Data**: each run is loaded and cleaned once for the whole sweep (:class:`~dynadiff.config.RunSeriesConfig`
+  caches the cleaned runs); every offset's windows are cut from them.
+- **Test set**: eval.py's samples, in its order (one repetition per image chosen as eval.py does, or the mean of
+  all repetitions with ``--averaged-trial``). A repetition whose window would run past the start or end of its
+  run is left out at that offset (an averaged image then averages the others; an image left with none is left
+  out), and the outputs count what was left out: never padded.
+- **Generation**: cached per (checkpoint, offset, image) by exca
+  (:class:`~dynadiff.config.SweepGenerationConfig`): a killed sweep resumes with the missing images only, and
+  runs as job arrays on a cluster like eval.py's generation.
+- **Outputs** in ``{cache}/timecourse_subjXX_{averaged|unaveraged}_{run id}/`` (``timecourse_subjXX_{mode}`` links
+  to the latest): ``timecourse.json`` (written last) and ``.csv``, ``timecourse.png``, ``filmstrip.png`` and
+  ``strips/{i}.png`` (the ground truth, then the reconstruction at each offset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+
+from dynadiff.data.preprocess import TR, window_bounds
+
+if tp.TYPE_CHECKING:
+    from dynadiff.config import EvalConfig, NsdDatasetConfig, SweepGenerationConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OFFSETS = "-3:13"
+N_BOOTSTRAP = 2000
+STRIP_TILE = 96
+
+
+class TimecourseError(RuntimeError):
+    """The time course cannot run as asked (one line, said to the user)."""
+
+
+# ----------------------------------------------------------------------------- offsets
+
+
+def parse_offsets(text: str) -> list[int]:
+    """``START:STOP[:STEP]`` (Python's range: STOP excluded) or a comma-separated list, in TRs from the onset."""
+    text = str(text).strip()
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError
+            start, stop, step = (*parts, 1) if len(parts) == 2 else parts
+            if step < 1:
+                raise TimecourseError(f"--offsets {text}: the step must be a positive number of TRs")
+            offsets = list(range(start, stop, step))
+        else:
+            offsets = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise TimecourseError(f"--offsets {text!r}: expected START:STOP[:STEP] (integers, in TRs from the onset; STOP "
+                              "excluded, e.g. -3:13) or a list such as 0,3,6") from None
+    if not offsets:
+        raise TimecourseError(f"--offsets {text}: no offset in that range (STOP is excluded: e.g. -3:13 is -3 to 12)")
+    if len(set(offsets)) != len(offsets):
+        raise TimecourseError(f"--offsets {text}: an offset is repeated")
+    return sorted(offsets)
+
+
+def offsets_from_seconds(text: str, tr: float = TR) -> tuple[list[int], dict[int, float]]:
+    """``--offsets-s``: window starts in seconds (``START:STOP[:STEP]`` or a list) snapped to the nearest TR.
+
+    Returns the offsets in TRs and, for each, the seconds asked for; two values snapped to one volume are an error.
+    """
+    text = str(text).strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError
+            start, stop, step = (*parts, tr) if len(parts) == 2 else parts
+            if not step > 0:
+                raise TimecourseError(f"--offsets-s {text}: the step must be positive")
+            seconds = list(np.arange(start, stop - 1e-9, step))
+        else:
+            seconds = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise TimecourseError(f"--offsets-s {text!r}: expected START:STOP[:STEP] in seconds (STOP excluded, e.g. "
+                              "-4:16:1.33) or a list such as 0,4,8") from None
+    if not seconds or not all(np.isfinite(seconds)):
+        raise TimecourseError(f"--offsets-s {text}: no finite offset")
+    asked: dict[int, float] = {}
+    for s in seconds:
+        k = int(round(s / tr))
+        if k in asked:
+            raise TimecourseError(f"--offsets-s {text}: {asked[k]:g} s and {s:g} s both become volume {k:+d} "
+                                  f"({k * tr:.2f} s; the TR is {tr:.4f} s): space them by at least a TR")
+        asked[k] = float(s)
+    return sorted(asked), {k: asked[k] for k in sorted(asked)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelWindow:
+    """The window a checkpoint was trained on: ``n_trs`` volumes from ``offset`` volumes after the onset."""
+
+    offset: int
+    n_trs: int
+    source: str  # where it was read from
+
+
+def model_window(checkpoint: Path, nsd_cfg: "NsdDatasetConfig") -> ModelWindow:
+    """A train.py checkpoint's window, from the training config in its metadata; other checkpoints (the published
+    ones): the config's ``offset``/``duration`` (published: 4.6 s, 8 s -> volumes t+3 .. t+8)."""
+    from dynadiff.evaluation import checkpoint_window
+
+    offset, duration, source = nsd_cfg.offset, nsd_cfg.duration, "the data config (offset, duration)"
+    recorded = checkpoint_window(checkpoint)
+    if recorded is not None:
+        offset, duration, source = recorded["offset"], recorded["duration"], f"checkpoint {checkpoint}"
+    start, end = window_bounds(0, offset, duration)
+    return ModelWindow(start, end - start, f"{source}: offset {offset:g} s, duration {duration:g} s")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SweepData:
+    """eval.py's test samples, with every window of any offset cut from the cleaned runs (each loaded once)."""
+
+    def __init__(self, nsd_cfg: "NsdDatasetConfig", series: tp.Sequence[np.ndarray] | None = None) -> None:
+        from dynadiff.data import nsd
+        from dynadiff.data.dataset import list_trials, select_samples
+
+        self.cfg = nsd_cfg
+        self.root = Path(nsd_cfg.nsddata_path)
+        items, trials = list_trials(nsd_cfg, check_windows=False)
+        if not trials:
+            raise nsd.NsdDataError(f"no test events for subject {nsd_cfg.subject} under {self.root}")
+        self.items = items
+        self.samples = select_samples(trials, "test", nsd_cfg.averaged, nsd_cfg.seed)
+        self.nsd_ids = [s[0].nsd_id for s in self.samples]
+        self._series = list(series) if series is not None else list(self.series_config().series(
+            [nsd.RunEvents(item.run, (), item.stamp) for item in items]))
+
+    def series_config(self):
+        from dynadiff.config import RunSeriesConfig
+
+        infra = self.cfg.infra.model_dump(exclude_defaults=True)
+        infra.pop("version", None)
+        return RunSeriesConfig(nsddata_path=self.cfg.nsddata_path, infra=infra)
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self._series[0].shape[0])
+
+    def onset(self, trial) -> int:
+        return self.items[trial.item].volumes[trial.row]
+
+    def usable(self, index: int, offset: int, n_trs: int) -> list:
+        """The repetitions of sample ``index`` whose window at ``offset`` lies within their run."""
+        return [t for t in self.samples[index] if 0 <= self.onset(t) + offset and
+                self.onset(t) + offset + n_trs <= self._series[t.item].shape[1]]
+
+    def window(self, index: int, offset: int, n_trs: int) -> np.ndarray:
+        """(voxels, n_trs) float32: the mean of the usable repetitions' windows (error if none is usable)."""
+        trials = self.usable(index, offset, n_trs)
+        if not trials:
+            raise ValueError(f"sample {index} has no window within its run at offset {offset}")
+        acc = np.zeros((self.n_voxels, n_trs), dtype=np.float64)
+        for t in trials:
+            start = self.onset(t) + offset
+            acc += self._series[t.item][:, start:start + n_trs]
+        return (acc / len(trials)).astype(np.float32)
+
+
+@dataclasses.dataclass
+class OffsetPlan:
+    offset: int
+    images: list[int]  # sample indices decoded at this offset (eval.py's order)
+    dropped_images: int  # of the first n, left out: no repetition within its run
+    dropped_events: int  # repetitions left out (of the images kept or not)
+
+
+def plan(data: SweepData, offsets: tp.Sequence[int], n_trs: int, n: int) -> list[OffsetPlan]:
+    out = []
+    for k in offsets:
+        images, dropped_events = [], 0
+        for i in range(n):
+            usable = data.usable(i, k, n_trs)
+            dropped_events += len(data.samples[i]) - len(usable)
+            if usable:
+                images.append(i)
+        out.append(OffsetPlan(k, images, n - len(images), dropped_events))
+    return out
+
+
+def item_name(offset: int, index: int) -> str:
+    return f"{offset}:{index}"
+
+
+def generate_sweep_images(cfg: "SweepGenerationConfig", items: tp.Sequence[str]) -> tp.Iterator[np.ndarray]:
+    """(H, W, 3) uint8 reconstructions of ``"{offset}:{index}"`` items, in order (as eval.py generates its images)."""
+    from dynadiff.evaluation import build_decoder, checkpoint_layout, reconstruct_in_batches, to_uint8
+
+    pairs = [tuple(int(x) for x in str(item).split(":")) for item in items]
+    if not pairs:
+        return
+    data = SweepData(cfg.data)
+    width, n_subjects, subject_idx = checkpoint_layout(cfg.checkpoint, cfg.data.subject, data.n_voxels)
+    model, device = build_decoder(cfg, width, n_subjects, cfg.n_trs)
+    logger.info("generating %d image(s) of the time course on %s", len(pairs), device)
+    windows = (np.pad(data.window(i, k, cfg.n_trs), ((0, width - data.n_voxels), (0, 0))) for k, i in pairs)
+    seed = cfg.versatilediffusion_config.seed
+    for img in reconstruct_in_batches(model, windows, cfg.batch_size, seed, device, subject_idx):
+        yield to_uint8(img, cfg.to_uint8)
+
+
+def generation_config(cfg: "EvalConfig", checkpoint: Path, n_trs: int) -> "SweepGenerationConfig":
+    from dynadiff.config import SweepGenerationConfig
+
+    return SweepGenerationConfig(
+        data=cfg.data.nsd_dataset_config, brain_modules_config=cfg.brain_modules_config,
+        versatilediffusion_config=cfg.versatilediffusion_config, checkpoint=checkpoint,
+        checkpoint_digest=cfg.checkpoint_digest, data_digest=cfg.data_digest, n_trs=n_trs,
+        allow_missing_keys=cfg.allow_missing_keys, device=cfg.device, batch_size=cfg.batch_size,
+        to_uint8=cfg.to_uint8, infra=cfg.image_generation.infra_kwargs(folder=cfg.infra.folder))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def bootstrap_interval(values: tp.Sequence[float], n_boot: int = N_BOOTSTRAP, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over images (resampled with replacement; NaN-free values)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    if len(x) == 1:
+        return float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def peak(rows: list[dict], metric: str, higher_is_better: bool) -> int | None:
+    """The offset of the best mean of ``metric`` (None: no offset has it)."""
+    scored = [(r["metrics"][metric]["mean"], r["offset"]) for r in rows
+              if metric in r["metrics"] and np.isfinite(r["metrics"][metric]["mean"])]
+    if not scored:
+        return None
+    return (max if higher_is_better else min)(scored)[1]
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_id(gen: "SweepGenerationConfig", offsets: tp.Sequence[int], cfg: "EvalConfig", n: int) -> str:
+    key = json.dumps({"generation": gen.infra.uid(), "offsets": list(offsets), "n": n, "metrics": cfg.metrics,
+                      "blur_faces": cfg.blur_faces, "identification": cfg.identification}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def output_dir(cfg: "EvalConfig", rid: str) -> Path:
+    nsd_cfg = cfg.data.nsd_dataset_config
+    mode = "averaged" if nsd_cfg.averaged else "unaveraged"
+    return Path(cfg.infra.folder or "./cache") / f"timecourse_subj{nsd_cfg.subject:02d}_{mode}_{rid}"
+
+
+def run_timecourse(cfg: "EvalConfig", checkpoint: Path, offsets: tp.Sequence[int], window: ModelWindow,
+                   asked_seconds: dict[int, float] | None = None, progress: bool = True) -> dict:
+    """Decode and measure every offset; write the outputs; return the summary (what ``timecourse.json`` holds)."""
+    from dynadiff import jobs
+    from dynadiff.data.dataset import load_stimulus
+    from dynadiff.evaluation import GT_SIZE, EvaluationError, resolve_device
+    from dynadiff.faces import blur_faces_batch, load_face_detector
+    from dynadiff.files import exclusive
+    from dynadiff.files import save_png, write_text
+    from dynadiff.metrics import compute_metrics
+    from dynadiff.metrics.catalog import METRICS
+
+    from dynadiff.metrics.suite import available_metrics
+
+    nsd_cfg = cfg.data.nsd_dataset_config
+    names, _ = available_metrics(cfg.metrics, cfg.metrics_weights)  # logs what is skipped, once
+    data_before = jobs.snapshot(nsd_cfg.infra)
+    try:
+        data = SweepData(nsd_cfg)
+    except jobs.JOB_ERRORS as e:
+        raise EvaluationError(jobs.failure_report(nsd_cfg.infra, "data preparation (cleaned runs)", data_before,
+                                                  error=e)) from e
+    n = len(data.samples) if cfg.limit is None else min(cfg.limit, len(data.samples))
+    plans = plan(data, offsets, window.n_trs, n)
+    gen = generation_config(cfg, checkpoint, window.n_trs)
+    rid = run_id(gen, offsets, cfg, n)
+    out = output_dir(cfg, rid)
+    items = [item_name(p.offset, i) for p in plans for i in p.images]
+    with exclusive(out.with_name(f".{out.name}.lock"), f"the output folder {out} (same time course)"):
+        if gen.infra.mode == "cached":
+            missing = jobs.missing_items(gen.infra, items)
+            logger.info("time course of subject %d: %d offsets x %d images, %d reconstructions (%d cached, %d to "
+                        "generate; cache %s)", nsd_cfg.subject, len(plans), n, len(items), len(items) - len(missing),
+                        len(missing), gen.infra.uid_folder())
+        before = jobs.snapshot(gen.infra)
+        try:
+            images = dict(zip(items, (np.asarray(x) for x in gen.generate(items))))
+        except jobs.JOB_ERRORS as e:
+            raise EvaluationError(jobs.failure_report(gen.infra, "image generation (time course)", before, items,
+                                                      error=e, noun="reconstruction")) from e
+        if cfg.blur_faces:
+            detector = load_face_detector(resolve_device(cfg.device))
+            images = dict(zip(images, blur_faces_batch(list(images.values()), detector=detector)))
+            images = {k: np.asarray(v) for k, v in images.items()}
+        gts = {i: load_stimulus(data.root, data.nsd_ids[i], GT_SIZE) for i in range(n)}
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "timecourse.json").unlink(missing_ok=True)  # written last: present only for a finished sweep
+        rows = []
+        for p in plans:
+            row = {"offset": p.offset, "start_volume": p.offset, "end_volume": p.offset + window.n_trs,
+                   "start_s": p.offset * TR, "end_s": (p.offset + window.n_trs) * TR,
+                   "asked_s": (asked_seconds or {}).get(p.offset), "n_images": len(p.images),
+                   "dropped_images": p.dropped_images, "dropped_events": p.dropped_events, "metrics": {}}
+            if p.images:
+                recs = [images[item_name(p.offset, i)] for i in p.images]
+                wanted = [m for m in names if len(p.images) > 1 or METRICS[m].family != "identification"]
+                result = compute_metrics(recs, [gts[i] for i in p.images], wanted,
+                                         device=resolve_device(cfg.device), batch_size=max(cfg.batch_size, 8),
+                                         weights=cfg.metrics_weights, identification=cfg.identification,
+                                         progress=False)
+                for m in result["metrics"]:
+                    chance = result["chance"].get(m)
+                    low, high = bootstrap_interval(result["per_image"][m])
+                    row["metrics"][m] = {
+                        "mean": result["means"][m], "ci95": [low, high],
+                        "chance": chance if chance is not None else result["shuffled"].get(m),
+                        "chance_kind": "exact" if chance is not None else "shuffled pairs",
+                        "per_image": dict(zip(map(str, p.images), result["per_image"][m]))}
+            rows.append(row)
+            logger.info("offset %+d (volumes t%+d .. t%+d): %d images%s", p.offset, p.offset,
+                        p.offset + window.n_trs - 1, len(p.images),
+                        "".join(f", {m} {v['mean']:.3f}" for m, v in row["metrics"].items()))
+        metrics = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
+        summary = {
+            "run_id": rid, "subject": nsd_cfg.subject, "averaged": nsd_cfg.averaged, "checkpoint": str(checkpoint),
+            "checkpoint_digest": cfg.checkpoint_digest, "data": str(nsd_cfg.nsddata_path),
+            "data_digest": cfg.data_digest, "tr_s": TR, "n_trs": window.n_trs, "model_offset": window.offset,
+            "model_window_source": window.source, "n_images": n, "nsd_ids": data.nsd_ids[:n],
+            "offsets": [p.offset for p in plans], "metrics": metrics,
+            "higher_is_better": {m: METRICS[m].higher_is_better for m in metrics},
+            "peak_offset": {m: peak(rows, m, METRICS[m].higher_is_better) for m in metrics},
+            "rows": rows, "output_dir": str(out),
+        }
+        write_text(out / "timecourse.csv", csv_table(summary))
+        save_png(plot_timecourse(summary), out / "timecourse.png")
+        strips = {i: strip(gts[i], [images.get(item_name(p.offset, i)) for p in plans]) for i in range(n)}
+        for i, picture in strips.items():
+            save_png(picture, out / "strips" / f"{i}.png")
+        save_png(filmstrip(strips, summary), out / "filmstrip.png")
+        write_text(out / "run.json", json.dumps({k: summary[k] for k in (
+            "run_id", "subject", "averaged", "checkpoint", "checkpoint_digest", "data", "data_digest", "offsets",
+            "n_trs", "n_images")}, indent=1))
+        write_text(out / "timecourse.json", json.dumps(summary, indent=1))
+    link = point_link(out)
+    if link is not None:
+        summary = dict(summary, latest_link=str(link))
+    return summary
+
+
+def point_link(out: Path) -> Path | None:
+    """``timecourse_subjXX_{mode}`` -> the latest sweep's folder (atomically; a real folder there is left alone)."""
+    link = out.with_name(out.name.rsplit("_", 1)[0])
+    if link.exists() and not link.is_symlink():
+        logger.warning("%s is not a link: left as it is; this time course is in %s", link, out)
+        return None
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(out.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        logger.warning("could not point %s at %s (%s)", link, out, e.strerror or e)
+        return None
+    return link
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def csv_table(summary: dict) -> str:
+    """One row per offset: the window in volumes and seconds from the onset, counts, then each metric's mean, 95 %
+    interval and chance."""
+    import csv
+    import io
+
+    metrics = summary["metrics"]
+    head = ["offset_tr", "start_volume", "end_volume", "start_s", "end_s", "asked_s", "n_images", "dropped_images",
+            "dropped_events"]
+    for m in metrics:
+        head += [f"{m}_mean", f"{m}_ci95_low", f"{m}_ci95_high", f"{m}_chance"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(head)
+    for r in summary["rows"]:
+        line = [r["offset"], r["start_volume"], r["end_volume"], f"{r['start_s']:.4f}", f"{r['end_s']:.4f}",
+                "" if r["asked_s"] is None else f"{r['asked_s']:g}", r["n_images"], r["dropped_images"],
+                r["dropped_events"]]
+        for m in metrics:
+            v = r["metrics"].get(m)
+            line += ["", "", "", ""] if v is None else [
+                f"{v['mean']:.6f}", f"{v['ci95'][0]:.6f}", f"{v['ci95'][1]:.6f}",
+                "" if v["chance"] is None else f"{v['chance']:.6f}"]
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+def plot_timecourse(summary: dict) -> np.ndarray:
+    """(H, W, 3) uint8: each metric against the window's start (s from onset), 95 % interval shaded, chance dashed,
+    the number of images at each point, the model's own window marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dynadiff.metrics.catalog import METRICS
+
+    metrics = summary["metrics"] or []
+    cols = min(3, max(1, len(metrics)))
+    nrows = max(1, -(-len(metrics) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False, dpi=100)
+    for ax, m in zip(axes.ravel(), metrics):
+        rows = [r for r in summary["rows"] if m in r["metrics"]]
+        x = np.array([r["start_s"] for r in rows])
+        mean = np.array([r["metrics"][m]["mean"] for r in rows])
+        low = np.array([r["metrics"][m]["ci95"][0] for r in rows])
+        high = np.array([r["metrics"][m]["ci95"][1] for r in rows])
+        ax.fill_between(x, low, high, color="tab:blue", alpha=0.25, linewidth=0, label="95 % interval")
+        ax.plot(x, mean, "o-", color="tab:blue", markersize=3, label="mean")
+        chance = [r["metrics"][m]["chance"] for r in rows]
+        if all(c is not None for c in chance):
+            ax.plot(x, chance, "--", color="grey", linewidth=1, label="chance")
+        ax.axvline(0, color="black", linewidth=0.6)
+        model_s = summary["model_offset"] * summary["tr_s"]
+        ax.axvline(model_s, color="tab:orange", linewidth=0.8, linestyle=":", label="model's window")
+        for xi, yi, r in zip(x, mean, rows):
+            ax.annotate(str(r["n_images"]), (xi, yi), textcoords="offset points", xytext=(0, 4), ha="center",
+                        fontsize=6, color="dimgrey")
+        info = METRICS[m]
+        ax.set_title(f"{info.label} ({'higher' if info.higher_is_better else 'lower'} is better)", fontsize=9)
+        ax.set_xlabel("window start (s from onset)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    if metrics:
+        axes.ravel()[0].legend(fontsize=6, loc="best")
+    mode = "averaged" if summary["averaged"] else "unaveraged"
+    fig.suptitle(f"subject {summary['subject']}, {mode}: {summary['n_trs']}-TR windows sliding from the onset "
+                 f"(n images at each point)", fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return picture
+
+
+def _tile(image: np.ndarray | None, size: int = STRIP_TILE) -> np.ndarray:
+    from PIL import Image
+
+    if image is None:  # no window within the run at this offset
+        tile = np.full((size, size, 3), 235, dtype=np.uint8)
+        tile[size // 2 - 1:size // 2 + 1, size // 4:3 * size // 4] = 150
+        return tile
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def strip(gt: np.ndarray, recs: list[np.ndarray | None], size: int = STRIP_TILE, gap: int = 4) -> np.ndarray:
+    """(size, W, 3) uint8: the ground truth, a gap, then the reconstruction at each offset (grey dash: none)."""
+    white = np.full((size, gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([_tile(gt, size), white, white] + [_tile(r, size) for r in recs], axis=1)
+
+
+def filmstrip(strips: dict[int, np.ndarray], summary: dict, max_rows: int = 8) -> np.ndarray:
+    """Up to ``max_rows`` strips (evenly spaced over the images) under a header naming each column's offset."""
+    from PIL import Image, ImageDraw
+
+    keys = sorted(strips)
+    picks = [keys[j] for j in np.unique(np.linspace(0, len(keys) - 1, min(max_rows, len(keys))).round().astype(int))]
+    body = np.concatenate([np.pad(strips[i], ((0, 4), (0, 0), (0, 0)), constant_values=255) for i in picks], axis=0)
+    header = Image.new("RGB", (body.shape[1], 28), "white")
+    draw = ImageDraw.Draw(header)
+    draw.text((4, 8), "truth", fill="black")
+    x0 = STRIP_TILE + 8
+    for j, k in enumerate(summary["offsets"]):
+        draw.text((x0 + j * STRIP_TILE + 4, 2), f"t{k:+d}", fill="black")
+        draw.text((x0 + j * STRIP_TILE + 4, 14), f"{k * summary['tr_s']:+.1f}s", fill="dimgrey")
+    return np.concatenate([np.asarray(header), body], axis=0)

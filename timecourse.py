@@ -1,0 +1,103 @@
+"""Decode a subject's NSD test images from fMRI windows that slide over time, and show how the image emerges.
+
+    python timecourse.py --subject 1 [--averaged-trial] [--offsets -3:13] [eval.py's options] [KEY=VALUE ...]
+
+For each offset k (in TRs from the trial's onset volume t; --offsets START:STOP[:STEP], STOP excluded, default
+-3:13, or --offsets-s in seconds, snapped to the TR grid), every test image is decoded from the window
+[t+k, t+k+n) of the checkpoint's own length n (6 TRs for the published checkpoints, trained on t+3 .. t+8) by
+the same checkpoint, and measured as eval.py measures. The options, config keys and checks are eval.py's.
+
+Outputs: {cache}/timecourse_subjXX_{averaged|unaveraged}_{run id}/ (timecourse_subjXX_{mode} links to the latest):
+timecourse.json and .csv (per offset: window in volumes and seconds, each metric's mean, 95 % bootstrap interval
+over images, chance, images used and left out), timecourse.png, filmstrip.png and strips/{i}.png (ground truth,
+then the reconstruction at each offset). Reconstructions are cached per (checkpoint, offset, image): run the same
+command again to continue an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from dynadiff.cli import ConfigError, setup_logging
+
+logger = logging.getLogger("dynadiff.timecourse")
+
+
+def _eval_script():
+    """eval.py, beside this file: the same options, config precedence and checks."""
+    spec = importlib.util.spec_from_file_location("dynadiff_eval_script", Path(__file__).with_name("eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EVAL = _eval_script()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from dynadiff.timecourse import DEFAULT_OFFSETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    EVAL.add_arguments(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--offsets", default=None, metavar="START:STOP[:STEP]",
+                       help=f"window starts in TRs from the onset volume (STOP excluded; default {DEFAULT_OFFSETS}), "
+                       "or a list such as 0,3,6")
+    which.add_argument("--offsets-s", default=None, metavar="START:STOP[:STEP]",
+                       help="window starts in seconds from the onset, snapped to the nearest volume")
+    return p.parse_intermixed_args(argv)
+
+
+def resolve(args: argparse.Namespace):
+    """(config, offsets, seconds asked per offset or None): everything checked before any work."""
+    from dynadiff.timecourse import DEFAULT_OFFSETS, offsets_from_seconds, parse_offsets
+
+    if args.offsets_s is not None:
+        offsets, asked = offsets_from_seconds(args.offsets_s)
+    else:
+        offsets, asked = parse_offsets(args.offsets or DEFAULT_OFFSETS), None
+    return EVAL.resolve_config(args), offsets, asked
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    from dynadiff.data.nsd import NsdDataError
+    from dynadiff.evaluation import EvaluationError, default_checkpoint
+    from dynadiff.timecourse import TimecourseError, model_window, run_timecourse
+
+    logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    try:
+        cfg, offsets, asked = resolve(args)
+        checkpoint = cfg.checkpoint or default_checkpoint(cfg.data.nsd_dataset_config.subject)
+        window = model_window(checkpoint, cfg.data.nsd_dataset_config)
+        logger.info("the checkpoint's window: %d TRs from t%+d (%s); sliding it over offsets %s", window.n_trs,
+                    window.offset, window.source, ", ".join(f"{k:+d}" for k in offsets))
+        summary = run_timecourse(cfg, Path(checkpoint), offsets, window, asked)
+    except (ConfigError, EvaluationError, NsdDataError, TimecourseError) as e:
+        logger.error("%s", e)
+        return 2 if isinstance(e, (ConfigError, TimecourseError)) else 1
+    except KeyboardInterrupt:
+        logger.error("interrupted: the reconstructions made so far are cached; run the same command again to "
+                     "continue (only the missing ones are generated)")
+        return 130
+    out = Path(summary["output_dir"])
+    for m in summary["metrics"]:
+        k = summary["peak_offset"][m]
+        if k is not None:
+            row = next(r for r in summary["rows"] if r["offset"] == k)
+            print(f"{m}: best at offset {k:+d} (window t{k:+d} .. t{k + summary['n_trs'] - 1:+d}, "
+                  f"{row['start_s']:+.1f} s to {row['end_s']:+.1f} s from onset): {row['metrics'][m]['mean']:.4f}")
+    print(f"Time course of run {summary['run_id']}: {out / 'timecourse.png'}")
+    print(f"Filmstrip (ground truth, then each offset): {out / 'filmstrip.png'}")
+    if summary.get("latest_link"):
+        print(f"  (also {summary['latest_link']}: the latest time course of subject {summary['subject']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
