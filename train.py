@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="samples per micro-batch")
+    p.add_argument("--window", metavar="START:STOP", help="the fMRI window in TRs from the onset volume t: volumes "
+                   "t+START .. t+STOP-1 (published: 3:9; 1 TR: e.g. 4:5); sets data.nsd_dataset_config.offset and "
+                   "duration (seconds)")
     p.add_argument("--config", type=Path, help="base YAML config (default config/train.yaml; with --resume, the run's)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
@@ -66,11 +69,26 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         out += [f"data.subjects=[{','.join(map(str, args.subjects))}]", f"data.nsd_dataset_config.subject={args.subjects[0]}"]
     if args.resume:
         out.append("resume=true")
+    if args.window is not None:
+        out += window_keys(args.window)
     if args.cache is not None:
         out.append(f"data.nsd_dataset_config.infra.folder={args.cache}")
         if args.infra_yaml is not None:  # the training job's exca folder (submitit logs, cached result)
             out.append(f"infra.folder={args.cache}")
     return out
+
+
+def window_keys(text: str) -> list[str]:
+    """``--window START:STOP`` -> the offset and duration (seconds) whose volumes are t+START .. t+STOP-1."""
+    from dynadiff.data.preprocess import window_seconds
+
+    try:
+        start, stop = (int(x) for x in text.split(":"))
+        offset, duration = window_seconds(start, stop)
+    except ValueError:
+        raise ConfigError(f"--window {text}: expected START:STOP, integers in TRs from the onset with STOP > START "
+                          "(e.g. 3:9, the published 6-TR window, or 4:5, one TR)") from None
+    return [f"data.nsd_dataset_config.offset={offset!r}", f"data.nsd_dataset_config.duration={duration!r}"]
 
 
 def base_config(args: argparse.Namespace) -> dict:

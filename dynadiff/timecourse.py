@@ -263,10 +263,13 @@ def peak(rows: list[dict], metric: str, higher_is_better: bool) -> int | None:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def run_id(gen: "SweepGenerationConfig", offsets: tp.Sequence[int], cfg: "EvalConfig", n: int) -> str:
-    key = json.dumps({"generation": gen.infra.uid(), "offsets": list(offsets), "n": n, "metrics": cfg.metrics,
-                      "blur_faces": cfg.blur_faces, "identification": cfg.identification}, sort_keys=True)
-    return hashlib.sha1(key.encode()).hexdigest()[:8]
+@dataclasses.dataclass
+class Decoder:
+    """A checkpoint with its resolved eval.py configuration and the window it was trained on."""
+
+    cfg: "EvalConfig"
+    checkpoint: Path
+    window: ModelWindow
 
 
 def output_dir(cfg: "EvalConfig", rid: str) -> Path:
@@ -275,21 +278,49 @@ def output_dir(cfg: "EvalConfig", rid: str) -> Path:
     return Path(cfg.infra.folder or "./cache") / f"timecourse_subj{nsd_cfg.subject:02d}_{mode}_{rid}"
 
 
-def run_timecourse(cfg: "EvalConfig", checkpoint: Path, offsets: tp.Sequence[int], window: ModelWindow,
-                   asked_seconds: dict[int, float] | None = None, progress: bool = True) -> dict:
-    """Decode and measure every offset; write the outputs; return the summary (what ``timecourse.json`` holds)."""
+def check_decoders(decoders: tp.Sequence[Decoder]) -> None:
+    """Per-offset models: one per offset, each with the offset its checkpoint records (never guessed)."""
+    from dynadiff.evaluation import checkpoint_window
+
+    seen: dict[int, Path] = {}
+    for d in decoders:
+        if checkpoint_window(d.checkpoint) is None:
+            raise TimecourseError(f"checkpoint {d.checkpoint} does not record the window it was trained on (only "
+                                  "train.py checkpoints do): --checkpoints needs them; slide one model with "
+                                  "--checkpoint and --offsets instead")
+        if d.window.offset in seen:
+            raise TimecourseError(f"checkpoints {seen[d.window.offset]} and {d.checkpoint} were both trained at offset "
+                                  f"{d.window.offset:+d}: give one checkpoint per offset")
+        seen[d.window.offset] = d.checkpoint
+
+
+def run_timecourse(decoders: tp.Sequence[Decoder], offsets: tp.Sequence[int] | None = None,
+                   asked_seconds: dict[int, float] | None = None, generalization: bool = False) -> dict:
+    """Decode and measure; write the outputs; return the summary (what ``timecourse.json`` holds).
+
+    One decoder and ``offsets``: it slides over them. Several (per-offset models): each at its own offset, and with
+    ``generalization`` each at every one's offset too (train time x test time).
+    """
     from dynadiff import jobs
     from dynadiff.data.dataset import load_stimulus
     from dynadiff.evaluation import GT_SIZE, EvaluationError, resolve_device
     from dynadiff.faces import blur_faces_batch, load_face_detector
-    from dynadiff.files import exclusive
-    from dynadiff.files import save_png, write_text
+    from dynadiff.files import exclusive, save_png, write_text
     from dynadiff.metrics import compute_metrics
     from dynadiff.metrics.catalog import METRICS
-
     from dynadiff.metrics.suite import available_metrics
 
+    decoders = sorted(decoders, key=lambda d: d.window.offset)
+    sliding = offsets is not None
+    if sliding and len(decoders) != 1:
+        raise ValueError("offsets slide one decoder")
+    cfg = decoders[0].cfg
     nsd_cfg = cfg.data.nsd_dataset_config
+    diagonal = list(offsets) if sliding else [d.window.offset for d in decoders]
+    # (decoder, test offset) pairs: the time course, then the generalisation matrix's other cells
+    tests = [(0, k) for k in diagonal] if sliding else [(j, d.window.offset) for j, d in enumerate(decoders)]
+    if generalization and not sliding:
+        tests += [(j, k) for j in range(len(decoders)) for k in diagonal if k != decoders[j].window.offset]
     names, _ = available_metrics(cfg.metrics, cfg.metrics_weights)  # logs what is skipped, once
     data_before = jobs.snapshot(nsd_cfg.infra)
     try:
@@ -298,76 +329,105 @@ def run_timecourse(cfg: "EvalConfig", checkpoint: Path, offsets: tp.Sequence[int
         raise EvaluationError(jobs.failure_report(nsd_cfg.infra, "data preparation (cleaned runs)", data_before,
                                                   error=e)) from e
     n = len(data.samples) if cfg.limit is None else min(cfg.limit, len(data.samples))
-    plans = plan(data, offsets, window.n_trs, n)
-    gen = generation_config(cfg, checkpoint, window.n_trs)
-    rid = run_id(gen, offsets, cfg, n)
+    gens = [generation_config(d.cfg, d.checkpoint, d.window.n_trs) for d in decoders]
+    plans = {(j, k): plan(data, [k], decoders[j].window.n_trs, n)[0] for j, k in tests}
+    key = json.dumps({"generation": [g.infra.uid() for g in gens], "tests": tests, "n": n, "metrics": cfg.metrics,
+                      "blur_faces": cfg.blur_faces, "identification": cfg.identification}, sort_keys=True)
+    rid = hashlib.sha1(key.encode()).hexdigest()[:8]
     out = output_dir(cfg, rid)
-    items = [item_name(p.offset, i) for p in plans for i in p.images]
     with exclusive(out.with_name(f".{out.name}.lock"), f"the output folder {out} (same time course)"):
-        if gen.infra.mode == "cached":
-            missing = jobs.missing_items(gen.infra, items)
-            logger.info("time course of subject %d: %d offsets x %d images, %d reconstructions (%d cached, %d to "
-                        "generate; cache %s)", nsd_cfg.subject, len(plans), n, len(items), len(items) - len(missing),
-                        len(missing), gen.infra.uid_folder())
-        before = jobs.snapshot(gen.infra)
-        try:
-            images = dict(zip(items, (np.asarray(x) for x in gen.generate(items))))
-        except jobs.JOB_ERRORS as e:
-            raise EvaluationError(jobs.failure_report(gen.infra, "image generation (time course)", before, items,
-                                                      error=e, noun="reconstruction")) from e
+        images: dict[tuple[int, int, int], np.ndarray] = {}  # (decoder, offset, image)
+        for j, gen in enumerate(gens):
+            items = [item_name(k, i) for jj, k in tests if jj == j for i in plans[(j, k)].images]
+            if gen.infra.mode == "cached":
+                missing = jobs.missing_items(gen.infra, items)
+                logger.info("checkpoint %s: %d reconstructions (%d cached, %d to generate; cache %s)",
+                            decoders[j].checkpoint, len(items), len(items) - len(missing), len(missing),
+                            gen.infra.uid_folder())
+            before = jobs.snapshot(gen.infra)
+            try:
+                for item, x in zip(items, gen.generate(items)):
+                    k, i = (int(v) for v in item.split(":"))
+                    images[(j, k, i)] = np.asarray(x)
+            except jobs.JOB_ERRORS as e:
+                raise EvaluationError(jobs.failure_report(gen.infra, "image generation (time course)", before, items,
+                                                          error=e, noun="reconstruction")) from e
         if cfg.blur_faces:
             detector = load_face_detector(resolve_device(cfg.device))
-            images = dict(zip(images, blur_faces_batch(list(images.values()), detector=detector)))
-            images = {k: np.asarray(v) for k, v in images.items()}
+            keys = list(images)
+            images = {k: np.asarray(v) for k, v in zip(keys, blur_faces_batch([images[k] for k in keys],
+                                                                               detector=detector))}
         gts = {i: load_stimulus(data.root, data.nsd_ids[i], GT_SIZE) for i in range(n)}
+
+        def measure(j: int, k: int) -> dict:
+            p, window = plans[(j, k)], decoders[j].window
+            row = {"offset": k, "start_volume": k, "end_volume": k + window.n_trs, "start_s": k * TR,
+                   "end_s": (k + window.n_trs) * TR, "asked_s": (asked_seconds or {}).get(k),
+                   "checkpoint": str(decoders[j].checkpoint), "trained_offset": window.offset,
+                   "n_images": len(p.images), "dropped_images": p.dropped_images,
+                   "dropped_events": p.dropped_events, "metrics": {}}
+            if not p.images:
+                return row
+            wanted = [m for m in names if len(p.images) > 1 or METRICS[m].family != "identification"]
+            result = compute_metrics([images[(j, k, i)] for i in p.images], [gts[i] for i in p.images], wanted,
+                                     device=resolve_device(cfg.device), batch_size=max(cfg.batch_size, 8),
+                                     weights=cfg.metrics_weights, identification=cfg.identification, progress=False)
+            for m in result["metrics"]:
+                chance = result["chance"].get(m)
+                low, high = bootstrap_interval(result["per_image"][m])
+                row["metrics"][m] = {
+                    "mean": result["means"][m], "ci95": [low, high],
+                    "chance": chance if chance is not None else result["shuffled"].get(m),
+                    "chance_kind": "exact" if chance is not None else "shuffled pairs",
+                    "per_image": dict(zip(map(str, p.images), result["per_image"][m]))}
+            return row
 
         out.mkdir(parents=True, exist_ok=True)
         (out / "timecourse.json").unlink(missing_ok=True)  # written last: present only for a finished sweep
-        rows = []
-        for p in plans:
-            row = {"offset": p.offset, "start_volume": p.offset, "end_volume": p.offset + window.n_trs,
-                   "start_s": p.offset * TR, "end_s": (p.offset + window.n_trs) * TR,
-                   "asked_s": (asked_seconds or {}).get(p.offset), "n_images": len(p.images),
-                   "dropped_images": p.dropped_images, "dropped_events": p.dropped_events, "metrics": {}}
-            if p.images:
-                recs = [images[item_name(p.offset, i)] for i in p.images]
-                wanted = [m for m in names if len(p.images) > 1 or METRICS[m].family != "identification"]
-                result = compute_metrics(recs, [gts[i] for i in p.images], wanted,
-                                         device=resolve_device(cfg.device), batch_size=max(cfg.batch_size, 8),
-                                         weights=cfg.metrics_weights, identification=cfg.identification,
-                                         progress=False)
-                for m in result["metrics"]:
-                    chance = result["chance"].get(m)
-                    low, high = bootstrap_interval(result["per_image"][m])
-                    row["metrics"][m] = {
-                        "mean": result["means"][m], "ci95": [low, high],
-                        "chance": chance if chance is not None else result["shuffled"].get(m),
-                        "chance_kind": "exact" if chance is not None else "shuffled pairs",
-                        "per_image": dict(zip(map(str, p.images), result["per_image"][m]))}
-            rows.append(row)
-            logger.info("offset %+d (volumes t%+d .. t%+d): %d images%s", p.offset, p.offset,
-                        p.offset + window.n_trs - 1, len(p.images),
-                        "".join(f", {m} {v['mean']:.3f}" for m, v in row["metrics"].items()))
+        cells = {}
+        for j, k in tests:
+            cells[(j, k)] = measure(j, k)
+            r = cells[(j, k)]
+            logger.info("%s offset %+d (volumes t%+d .. t%+d): %d images%s",
+                        "" if sliding else f"model of offset {decoders[j].window.offset:+d},", k, k,
+                        k + decoders[j].window.n_trs - 1, r["n_images"],
+                        "".join(f", {m} {v['mean']:.3f}" for m, v in r["metrics"].items()))
+        rows = [cells[(0, k)] for k in diagonal] if sliding else [cells[(j, d.window.offset)]
+                                                                 for j, d in enumerate(decoders)]
         metrics = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
+        window = decoders[0].window
         summary = {
-            "run_id": rid, "subject": nsd_cfg.subject, "averaged": nsd_cfg.averaged, "checkpoint": str(checkpoint),
-            "checkpoint_digest": cfg.checkpoint_digest, "data": str(nsd_cfg.nsddata_path),
-            "data_digest": cfg.data_digest, "tr_s": TR, "n_trs": window.n_trs, "model_offset": window.offset,
-            "model_window_source": window.source, "n_images": n, "nsd_ids": data.nsd_ids[:n],
-            "offsets": [p.offset for p in plans], "metrics": metrics,
+            "run_id": rid, "mode": "sliding" if sliding else "per-offset models",
+            "subject": nsd_cfg.subject, "averaged": nsd_cfg.averaged,
+            "checkpoints": [str(d.checkpoint) for d in decoders],
+            "checkpoint_digests": [d.cfg.checkpoint_digest for d in decoders], "data": str(nsd_cfg.nsddata_path),
+            "data_digest": cfg.data_digest, "tr_s": TR, "n_trs": window.n_trs if sliding else
+            [d.window.n_trs for d in decoders], "model_offset": window.offset if sliding else None,
+            "model_window_source": [d.window.source for d in decoders], "n_images": n, "nsd_ids": data.nsd_ids[:n],
+            "offsets": diagonal, "metrics": metrics,
             "higher_is_better": {m: METRICS[m].higher_is_better for m in metrics},
             "peak_offset": {m: peak(rows, m, METRICS[m].higher_is_better) for m in metrics},
             "rows": rows, "output_dir": str(out),
         }
+        if generalization and not sliding:
+            summary["generalization"] = {
+                "train_offsets": diagonal, "test_offsets": diagonal,
+                "n_images": [[cells[(j, k)]["n_images"] for k in diagonal] for j in range(len(decoders))],
+                "means": {m: [[cells[(j, k)]["metrics"].get(m, {}).get("mean") for k in diagonal]
+                              for j in range(len(decoders))] for m in metrics},
+                "chance": {m: [[cells[(j, k)]["metrics"].get(m, {}).get("chance") for k in diagonal]
+                               for j in range(len(decoders))] for m in metrics}}
+            save_png(plot_generalization(summary), out / "generalization.png")
         write_text(out / "timecourse.csv", csv_table(summary))
         save_png(plot_timecourse(summary), out / "timecourse.png")
-        strips = {i: strip(gts[i], [images.get(item_name(p.offset, i)) for p in plans]) for i in range(n)}
+        column = {k: (0 if sliding else j) for j, k in enumerate(diagonal)}
+        strips = {i: strip(gts[i], [images.get((column[k], k, i)) for k in diagonal]) for i in range(n)}
         for i, picture in strips.items():
             save_png(picture, out / "strips" / f"{i}.png")
         save_png(filmstrip(strips, summary), out / "filmstrip.png")
         write_text(out / "run.json", json.dumps({k: summary[k] for k in (
-            "run_id", "subject", "averaged", "checkpoint", "checkpoint_digest", "data", "data_digest", "offsets",
-            "n_trs", "n_images")}, indent=1))
+            "run_id", "mode", "subject", "averaged", "checkpoints", "checkpoint_digests", "data", "data_digest",
+            "offsets", "n_trs", "n_images")}, indent=1))
         write_text(out / "timecourse.json", json.dumps(summary, indent=1))
     link = point_link(out)
     if link is not None:
@@ -403,8 +463,8 @@ def csv_table(summary: dict) -> str:
     import io
 
     metrics = summary["metrics"]
-    head = ["offset_tr", "start_volume", "end_volume", "start_s", "end_s", "asked_s", "n_images", "dropped_images",
-            "dropped_events"]
+    head = ["offset_tr", "start_volume", "end_volume", "start_s", "end_s", "asked_s", "checkpoint", "n_images",
+            "dropped_images", "dropped_events"]
     for m in metrics:
         head += [f"{m}_mean", f"{m}_ci95_low", f"{m}_ci95_high", f"{m}_chance"]
     buf = io.StringIO()
@@ -412,7 +472,7 @@ def csv_table(summary: dict) -> str:
     writer.writerow(head)
     for r in summary["rows"]:
         line = [r["offset"], r["start_volume"], r["end_volume"], f"{r['start_s']:.4f}", f"{r['end_s']:.4f}",
-                "" if r["asked_s"] is None else f"{r['asked_s']:g}", r["n_images"], r["dropped_images"],
+                "" if r["asked_s"] is None else f"{r['asked_s']:g}", r["checkpoint"], r["n_images"], r["dropped_images"],
                 r["dropped_events"]]
         for m in metrics:
             v = r["metrics"].get(m)
@@ -449,8 +509,9 @@ def plot_timecourse(summary: dict) -> np.ndarray:
         if all(c is not None for c in chance):
             ax.plot(x, chance, "--", color="grey", linewidth=1, label="chance")
         ax.axvline(0, color="black", linewidth=0.6)
-        model_s = summary["model_offset"] * summary["tr_s"]
-        ax.axvline(model_s, color="tab:orange", linewidth=0.8, linestyle=":", label="model's window")
+        if summary["model_offset"] is not None:
+            ax.axvline(summary["model_offset"] * summary["tr_s"], color="tab:orange", linewidth=0.8, linestyle=":",
+                       label="model's window")
         for xi, yi, r in zip(x, mean, rows):
             ax.annotate(str(r["n_images"]), (xi, yi), textcoords="offset points", xytext=(0, 4), ha="center",
                         fontsize=6, color="dimgrey")
@@ -463,8 +524,9 @@ def plot_timecourse(summary: dict) -> np.ndarray:
     if metrics:
         axes.ravel()[0].legend(fontsize=6, loc="best")
     mode = "averaged" if summary["averaged"] else "unaveraged"
-    fig.suptitle(f"subject {summary['subject']}, {mode}: {summary['n_trs']}-TR windows sliding from the onset "
-                 f"(n images at each point)", fontsize=9)
+    how = (f"{summary['n_trs']}-TR windows of one model sliding from the onset" if summary["model_offset"] is not None
+           else "one model per offset, each at its own window")
+    fig.suptitle(f"subject {summary['subject']}, {mode}: {how} (n images at each point)", fontsize=9)
     fig.tight_layout()
     fig.canvas.draw()
     picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -503,3 +565,43 @@ def filmstrip(strips: dict[int, np.ndarray], summary: dict, max_rows: int = 8) -
         draw.text((x0 + j * STRIP_TILE + 4, 2), f"t{k:+d}", fill="black")
         draw.text((x0 + j * STRIP_TILE + 4, 14), f"{k * summary['tr_s']:+.1f}s", fill="dimgrey")
     return np.concatenate([np.asarray(header), body], axis=0)
+
+
+def plot_generalization(summary: dict) -> np.ndarray:
+    """(H, W, 3) uint8: per metric, the train offset x test offset matrix of means (the diagonal: each model at its
+    own offset), values written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dynadiff.metrics.catalog import METRICS
+
+    g = summary["generalization"]
+    metrics = summary["metrics"]
+    cols = min(3, max(1, len(metrics)))
+    nrows = max(1, -(-len(metrics) // cols))
+    size = 1.0 + 0.45 * len(g["test_offsets"])
+    fig, axes = plt.subplots(nrows, cols, figsize=(size * cols + 1, size * nrows + 0.6), squeeze=False, dpi=100)
+    labels = [f"{k:+d}" for k in g["test_offsets"]]
+    for ax, m in zip(axes.ravel(), metrics):
+        values = np.array([[np.nan if v is None else v for v in row] for row in g["means"][m]], dtype=float)
+        cmap = "viridis" if METRICS[m].higher_is_better else "viridis_r"
+        im = ax.imshow(values, cmap=cmap, origin="lower")
+        for (a, b), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_yticks(range(len(labels)), [f"{k:+d}" for k in g["train_offsets"]], fontsize=7)
+        ax.set_xlabel("test offset (TRs from onset)", fontsize=8)
+        ax.set_ylabel("train offset", fontsize=8)
+        ax.set_title(METRICS[m].label, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"subject {summary['subject']}: temporal generalisation (train time x test time)", fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return picture

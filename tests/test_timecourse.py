@@ -164,8 +164,9 @@ def test_timecourse_end_to_end(eval_setup, tc_script, tmp_path, monkeypatch, cap
     assert out.is_symlink()
     summary = json.loads((out / "timecourse.json").read_text())
     assert summary["offsets"] == [2, 3, 4] and summary["n_trs"] == 6 and summary["model_offset"] == 3
+    assert summary["mode"] == "sliding" and summary["checkpoints"] == [str(eval_setup["ckpt"])]
     assert summary["n_images"] == 4 and summary["metrics"] == ["pixcorr", "ssim"]
-    assert "generating 12 image(s)" in caplog.text
+    assert "generating 12 image(s)" in caplog.text and "12 reconstructions (0 cached, 12 to generate" in caplog.text
     rows = list(csv.DictReader((out / "timecourse.csv").open()))
     assert [int(r["offset_tr"]) for r in rows] == [2, 3, 4]
     for row, r in zip(rows, summary["rows"]):

@@ -130,7 +130,9 @@ def list_trials(cfg: "NsdDatasetConfig", check_windows: bool = True) -> tuple[li
     """The split's events in chronological order (sessions, runs, volumes), grouped per run.
 
     ``check_windows``: an event whose window (the config's offset and duration) runs past its run is an
-    error (windows are never padded); off for a time course, which drops such events per offset.
+    error in the test split (windows are never padded), and left out of the train split (counted in a warning:
+    a window far from eval.py's, e.g. for a per-offset model, cannot fit every event); off for a time course,
+    which leaves such events out per offset.
     """
     root = Path(cfg.nsddata_path)
     runs = nsd.list_runs(cfg.subject, cfg.sessions)
@@ -138,12 +140,18 @@ def list_trials(cfg: "NsdDatasetConfig", check_windows: bool = True) -> tuple[li
     test_ids = nsd.load_test_ids(root)
     items: list[nsd.RunEvents] = []
     trials: list[Trial] = []
+    dropped = 0
     for run in runs:
         design = nsd.load_design(run.design_path(root), N_VOLUMES_USED)
         volumes, ids = nsd.events_of_design(design)
         is_test = np.isin(ids, test_ids)
         keep = is_test if cfg.split == "test" else ~is_test
         volumes, ids = volumes[keep], ids[keep]
+        if check_windows and cfg.split == "train":
+            bounds = [window_bounds(int(t), cfg.offset, cfg.duration) for t in volumes]
+            inside = np.array([start >= 0 and end <= N_VOLUMES_USED for start, end in bounds], dtype=bool)
+            dropped += int((~inside).sum())
+            volumes, ids = volumes[inside], ids[inside]
         if not len(volumes):
             continue
         for t in volumes if check_windows else ():
@@ -157,6 +165,10 @@ def list_trials(cfg: "NsdDatasetConfig", check_windows: bool = True) -> tuple[li
             trials.append(Trial(len(items), row, int(nsd_id)))
         stamp = nsd.file_stamp([run.timeseries_path(root), nsd.roi_path(root, cfg.subject)])
         items.append(nsd.RunEvents(run, tuple(int(v) for v in volumes), stamp))
+    if dropped:
+        start, end = window_bounds(0, cfg.offset, cfg.duration)
+        logger.warning("subject %d, train: %d event(s) left out, their window (volumes t%+d .. t%+d) running past the "
+                       "start or end of their run", cfg.subject, dropped, start, end - 1)
     return items, trials
 
 

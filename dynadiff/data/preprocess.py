@@ -6,6 +6,8 @@ Times are in seconds, indices are volume (TR) indices.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 TR = 4.0 / 3.0  # NSD 1.8 mm time series, seconds per volume
@@ -80,3 +82,23 @@ def extract_windows(run: np.ndarray, volumes, offset: float = 4.6, duration: flo
         n_trs = window_bounds(0, offset, duration, tr)
         return np.zeros((0, run.shape[0], n_trs[1] - n_trs[0]), dtype=np.float32)
     return np.stack(out).astype(np.float32, copy=False)
+
+
+def window_seconds(start: int, stop: int, tr: float = TR) -> tuple[float, float]:
+    """``(offset, duration)`` in seconds whose :func:`window_bounds` are the volumes ``[t + start, t + stop)``.
+
+    The inverse of the original's rounding: ``offset = start * TR`` (a multiple of the TR), and ``duration`` chosen so
+    that ``offset + duration`` is a whole number of seconds ``R`` with ``int(R / TR) == stop`` (one exists for any
+    ``stop``: ``int`` truncates, so R may be any number in an interval of one TR, longer than 1 s).
+    The published window, volumes 3 to 8, comes back as (4.0, 8.0); the original wrote (4.6, 8.0), the same volumes.
+    """
+    if stop <= start:
+        raise ValueError(f"a window needs stop > start, got [{start}, {stop})")
+    offset = round(start * tr, 10)
+    # int() truncates towards zero: for a window ending before the onset, R lies in ((stop - 1) * TR, stop * TR]
+    candidates = [r for r in range(math.floor(stop * tr) - 2, math.ceil(stop * tr) + 3) if int(r / tr) == stop]
+    whole = min(candidates, key=lambda r: (abs(r - stop * tr), r)) if candidates else stop * tr
+    duration = round(whole - offset, 10)
+    if window_bounds(0, offset, duration, tr) != (start, stop):  # cannot happen; said plainly if it does
+        raise ValueError(f"no (offset, duration) gives the volumes [{start}, {stop}) with TR {tr}")
+    return offset, duration
