@@ -208,3 +208,49 @@ def test_bad_offsets_are_one_line_before_any_work(eval_setup, tc_script, tmp_pat
     assert "no offset in that range" in caplog.text and not cache.exists()
     with pytest.raises(SystemExit):  # argparse: the two forms exclude each other
         tc_script.parse_args(["--offsets", "0:3", "--offsets-s", "0:4"])
+
+
+# ----------------------------------------------------------------------------- where the signal is
+
+
+def _decodability(data: SweepData, features: np.ndarray, offset: int, images: list[int]) -> float:
+    """Representational similarity: Spearman correlation, over image pairs, of the 1-TR windows' correlation
+    distances with the images' feature distances (independent of any model)."""
+    x = np.stack([data.window(i, offset, 1)[:, 0] for i in images])
+    iu = np.triu_indices(len(x), 1)
+    brain = 1 - np.corrcoef(x)[iu]
+    image = 1 - np.corrcoef(features)[iu]
+    return float(scipy.stats.spearmanr(brain, image)[0])
+
+
+@pytest.mark.parametrize("peak_s", [5.0, 10.0])
+def test_the_sweep_finds_the_signal_where_the_synthetic_response_puts_it(tmp_path, peak_s):
+    """Single trials of a weak signal (0.3 % of baseline, noise 0.6 %), so that decodability follows the response's
+    amplitude instead of saturating; the images whose windows lie within their run at every offset."""
+    import h5py
+
+    from dynadiff.data.stimuli import write_test_ids
+    from dynadiff.data.synthetic import write_synthetic_nsd
+
+    root = tmp_path / "nsd"
+    write_synthetic_nsd(root, subjects=(1,), seed=1, sessions=(1,), n_test=30, n_unique=12, test_repetitions=(3,),
+                        train_repetitions=1, hrf_peak_s=peak_s, signal_percent=0.3)
+    write_test_ids(root)
+    data = SweepData(NsdDatasetConfig(nsddata_path=root, subject=1, sessions=[1],
+                                      infra={"folder": str(tmp_path / "cache")}))
+    offsets = list(range(-4, 14))
+    images = [i for i in range(len(data.samples)) if all(data.usable(i, k, 1) for k in offsets)]
+    assert len(images) >= 25
+    with h5py.File(root / "nsd_stimuli.hdf5") as f:  # the images, read independently: 5x5 RGB thumbnails
+        brick = f["imgBrick"][:]
+    thumbs = np.stack([brick[data.nsd_ids[i] - 1].reshape(5, 85, 5, 85, 3).mean(axis=(1, 3)).ravel() for i in images])
+    scores = {k: _decodability(data, thumbs, k, images) for k in offsets}
+    best = max(scores, key=scores.get)
+    # the response peaks peak_s after the onset (3.75 and 7.5 TRs): the best window is within a TR of it
+    assert abs(best - peak_s / TR) <= 1, scores
+    # windows that end before the onset: at chance, against a permutation null of the same statistic
+    rng = np.random.default_rng(0)
+    null = [_decodability(data, thumbs[rng.permutation(len(thumbs))], best, images) for _ in range(200)]
+    threshold = np.quantile(null, 0.99)
+    assert scores[best] > threshold
+    assert all(scores[k] < threshold for k in (-4, -3, -2, -1)), scores
