@@ -207,7 +207,12 @@ def item_name(offset: int, index: int) -> str:
 
 def generate_sweep_images(cfg: "SweepGenerationConfig", items: tp.Sequence[str]) -> tp.Iterator[np.ndarray]:
     """(H, W, 3) uint8 reconstructions of ``"{offset}:{index}"`` items, in order (as eval.py generates its images)."""
-    from dynadiff.evaluation import build_decoder, checkpoint_layout, reconstruct_in_batches, to_uint8
+    from dynadiff.evaluation import (
+        build_decoder,
+        checkpoint_layout,
+        reconstruct_in_batches,
+        to_uint8,
+    )
 
     pairs = [tuple(int(x) for x in str(item).split(":")) for item in items]
     if not pairs:

@@ -12,10 +12,10 @@ import pytest
 import scipy.signal
 import scipy.stats
 from PIL import Image
-from scripts import load_script
 
 from dynadiff.config import NsdDatasetConfig
 from dynadiff.data import dataset as dataset_module
+from dynadiff.data import nsd
 from dynadiff.data.preprocess import TR
 from dynadiff.timecourse import (
     SweepData,
@@ -25,6 +25,7 @@ from dynadiff.timecourse import (
     parse_offsets,
     plan,
 )
+from scripts import load_script
 
 
 def test_offsets_in_trs():
@@ -254,3 +255,26 @@ def test_the_sweep_finds_the_signal_where_the_synthetic_response_puts_it(tmp_pat
     threshold = np.quantile(null, 0.99)
     assert scores[best] > threshold
     assert all(scores[k] < threshold for k in (-4, -3, -2, -1)), scores
+
+
+def test_train_split_leaves_out_events_whose_window_runs_past_their_run(synthetic_nsd, tmp_path, caplog):
+    """A per-offset model's window may not fit every event: training leaves those out and says how many; the test
+    split (eval.py) still refuses them (tests/data/test_dataset.py)."""
+    from dynadiff.data.dataset import list_trials
+    from dynadiff.data.preprocess import window_seconds
+
+    root, _ = synthetic_nsd
+    test_ids = np.load(root / "test_images_ids.npy")
+    offset, duration = window_seconds(-3, 3)
+    cfg = _nsd_cfg(root, tmp_path / "cache", split="train", offset=offset, duration=duration)
+    caplog.set_level(logging.WARNING)
+    _, trials = list_trials(cfg)
+    # independently, from the design files: train events at volumes t with t - 3 < 0 or t + 3 > 225
+    total, outside = 0, 0
+    for run in nsd.list_runs(1, [1, 21]):
+        design = np.loadtxt(run.design_path(root)).astype(int)
+        onsets = [t for t in np.flatnonzero(design) if design[t] not in test_ids]
+        total += len(onsets)
+        outside += sum(1 for t in onsets if t - 3 < 0 or t + 3 > 225)
+    assert outside > 0 and len(trials) == total - outside
+    assert f"{outside} event(s) left out" in caplog.text and "volumes t-3 .. t+2" in caplog.text

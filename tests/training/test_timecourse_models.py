@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 from PIL import Image
-from scripts import load_script
 
 from dynadiff.checkpoint import read_metadata
 from dynadiff.data.preprocess import window_bounds, window_seconds
+from scripts import load_script
 
 
 def _tiny_overrides(*args):
