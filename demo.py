@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("exca").setLevel(logging.ERROR)
-    from dynadiff.demo import FAST, DemoSettings, comparison_table, run_demo
+    from dynadiff.demo import FAST, DemoSettings, comparison_table, run_demo, timecourse_lines
 
     try:
         report = run_demo(args.output, FAST if args.fast else DemoSettings())
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"Training run (log.csv, samples/, checkpoints/): {report['train_summary']['output_dir']}")
     print(f"Overview (ground truth above reconstruction): {report['overview']}")
+    print(timecourse_lines(report))
     print(f"Re-evaluate the trained decoder (e.g. with other --metrics or KEY=VALUE settings):\n  {report['eval_command']}")
     return 0
 

@@ -54,7 +54,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "each evaluated at the window it was trained on (read from the checkpoint)")
     p.add_argument("--generalization", action="store_true",
                    help="with --checkpoints: also test every model at every other model's offset (train x test time)")
-    return p.parse_intermixed_args(argv)
+    return p.parse_intermixed_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--offsets -3:13`` -> ``--offsets=-3:13``: argparse would take a value starting with ``-`` for an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--offsets", "--offsets-s") and i + 1 < len(argv) and argv[i + 1][:2].replace(".", "0") in {
+                f"-{d}" for d in "0123456789"}:
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def expand(patterns: list[str]) -> list[Path]:

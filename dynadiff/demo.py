@@ -68,6 +68,8 @@ class DemoSettings:
     )
     eval_args: tuple[str, ...] = ("--averaged-trial",)
     num_inference_steps: int = 20
+    sweep_offsets: str = "-6:12:2"  # timecourse.py --offsets of the trained decoder's time course
+    sweep_images: int = 20  # its --limit
     threads: int = 1  # tiny models are per-op-overhead bound: one thread beats two on a busy 2-core machine
     seed: int = 0
 
@@ -79,7 +81,7 @@ FAST = DemoSettings(
     train_overrides=("steps=3", "batch_size=4", "brain_modules_config.hidden=16", "val_every=3", "sample_every=3",
                      "checkpoint_every=3", "log_every=1", "versatilediffusion_config.num_inference_steps=2",
                      "data.val_fraction=0.2"),
-    eval_args=("--limit", "4"), num_inference_steps=2,
+    eval_args=("--limit", "4"), num_inference_steps=2, sweep_offsets="2:5", sweep_images=2,
 )
 
 
@@ -291,10 +293,28 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
         results[label] = result
         commands[label] = shlex.join([sys.executable, str(REPO_ROOT / "eval.py"), *argv])
     times["evaluation"] = time.perf_counter() - t
+
+    # The trained decoder's time course: its window slid over time (timecourse.py, same options as eval.py)
+    t = time.perf_counter()
+    tc_script = _load_script("timecourse")
+    tc_argv = ["--subject", str(s.subject), "--cache", str(workdir / "timecourse"), "--checkpoint",
+               str(Path(summary["best_checkpoint"] or summary["last_checkpoint"])), "--vd_cache_dir", str(vd_dir),
+               "--device", "cpu", "--metrics", "pixcorr,ssim", "--averaged-trial", "--offsets", s.sweep_offsets,
+               "--limit", str(s.sweep_images), *common,
+               f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
+    from dynadiff.timecourse import run_timecourse
+
+    decoders, offsets, asked = tc_script.resolve(tc_script.parse_args(tc_argv))
+    timecourse = run_timecourse(decoders, offsets, asked)
+    times["time course"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
     report = {"untrained": results["untrained"], "trained": results["trained"], "train_summary": summary,
               "times_s": times, "overview": str(Path(results["trained"]["output_dir"]) / "overview.png"),
-              "workdir": str(workdir), "eval_command": commands["trained"]}
+              "workdir": str(workdir), "eval_command": commands["trained"],
+              "timecourse": {k: timecourse[k] for k in ("offsets", "n_images", "peak_offset", "model_offset",
+                                                        "output_dir")},
+              "timecourse_pixcorr": {r["offset"]: r["metrics"]["pixcorr"]["mean"] for r in timecourse["rows"]},
+              "timecourse_command": shlex.join([sys.executable, str(REPO_ROOT / "timecourse.py"), *tc_argv])}
     (workdir / "demo_results.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
@@ -309,3 +329,21 @@ def comparison_table(report: dict) -> str:
         lines.append(f"| {label} | {un['means'][m]:.4f} | {tr['means'][m]:.4f} | {tr['shuffled'][m]:.4f} (shuffled pairs) |")
     lines.append(f"| 2-way identification, pixels | {un['pixel_identification']:.4f} | {tr['pixel_identification']:.4f} | 0.5 |")
     return "\n".join(lines) + "\n"
+
+
+def timecourse_lines(report: dict) -> str:
+    """Where the trained decoder's time course peaks, its PixCorr at each offset, and its pictures."""
+    from dynadiff.data.preprocess import TR
+
+    tc = report["timecourse"]
+    k = tc["peak_offset"].get("pixcorr")
+    curve = ", ".join(f"{int(o):+d}: {v:.2f}" for o, v in report["timecourse_pixcorr"].items())
+    out = Path(tc["output_dir"])
+    lines = [f"Time course ({tc['n_images']} images; the decoder's 6-TR window slid over the offsets, in TRs from the "
+             f"onset): PixCorr {curve}"]
+    if k is not None:
+        lines.append(f"Peak at offset {int(k):+d} (window from {int(k) * TR:+.1f} s after the onset); the decoder was "
+                     f"trained on offset {tc['model_offset']:+d}")
+    lines += [f"Time course plot: {out / 'timecourse.png'}", f"Filmstrip (ground truth, then each offset): "
+              f"{out / 'filmstrip.png'}"]
+    return "\n".join(lines)

@@ -209,6 +209,9 @@ def test_bad_offsets_are_one_line_before_any_work(eval_setup, tc_script, tmp_pat
     assert "no offset in that range" in caplog.text and not cache.exists()
     with pytest.raises(SystemExit):  # argparse: the two forms exclude each other
         tc_script.parse_args(["--offsets", "0:3", "--offsets-s", "0:4"])
+    # a value starting with "-" is the option's value, not another option
+    assert tc_script.parse_args(["--offsets", "-6:12:2", "--subject", "1"]).offsets == "-6:12:2"
+    assert tc_script.parse_args(["--offsets-s", "-.5,4"]).offsets_s == "-.5,4"
 
 
 # ----------------------------------------------------------------------------- where the signal is

@@ -49,6 +49,16 @@ def test_fast_demo_trains_a_checkpoint_that_eval_loads(fast_demo):
     assert 0.0 <= trained["pixel_identification"] <= 1.0
     assert "| PixCorr |" in printed and "2-way identification, pixels" in printed
     assert f"Overview (ground truth above reconstruction): {eval_dir / 'overview.png'}" in printed
+    # then the trained decoder's time course (timecourse.py's pipeline): its peak and pictures are printed
+    tc = report["timecourse"]
+    tc_dir = Path(tc["output_dir"])
+    saved = json.loads((tc_dir / "timecourse.json").read_text())
+    assert tc["offsets"] == saved["offsets"] == [2, 3, 4] and saved["checkpoints"] == [str(ckpt)]
+    assert saved["model_offset"] == 3 and saved["n_images"] == 2
+    curve = {r["offset"]: r["metrics"]["pixcorr"]["mean"] for r in saved["rows"]}
+    assert tc["peak_offset"]["pixcorr"] == max(curve, key=curve.get)
+    assert f"Peak at offset {tc['peak_offset']['pixcorr']:+d}" in printed
+    assert f"Time course plot: {tc_dir / 'timecourse.png'}" in printed and (tc_dir / "timecourse.png").is_file()
     # the tiny VD is in VD's layout, its VAE's scaling factor set from the pre-trained latents
     vd_dir = out / "versatile_diffusion"
     assert vd.check_vd_folder(vd_dir) == vd_dir

@@ -128,3 +128,13 @@ def test_per_offset_checkpoints_are_checked(per_offset_models, synthetic_nsd, tr
     assert tc.main(_tc_args(synthetic_nsd, train_vd, cache, "--checkpoints", str(tmp_path / "none*"))) == 2
     assert "matches no file" in caplog.text
     assert not cache.exists() or not any(cache.glob("timecourse_*"))
+
+
+@pytest.mark.parametrize("window", ["4:4", "6:2", "a:b", "3"])
+def test_a_bad_window_is_one_line(window, synthetic_nsd, train_vd, tmp_path, caplog):
+    train = load_script("train")
+    argv = ["--window", window, *_tiny_overrides(synthetic_nsd[0], train_vd, tmp_path / "run", tmp_path / "cache")]
+    assert train.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"--window {window}: expected START:STOP" in errors[0] and "\n" not in errors[0]
+    assert not (tmp_path / "run").exists()
