@@ -61,14 +61,14 @@ class DemoSettings:
     unet_batch: int = 32
     unet_lr: float = 1e-3
     train_overrides: tuple[str, ...] = (
-        "steps=300", "batch_size=16", "optim.lr=1e-3", "optim.warmup_steps=30", "optim.weight_decay=0.0",
-        "brain_modules_config.hidden=128", "brain_modules_config.dropout=0.3",
+        "steps=400", "batch_size=16", "optim.lr=1.5e-3", "optim.warmup_steps=30", "optim.weight_decay=0.0",
+        "brain_modules_config.hidden=384", "brain_modules_config.dropout=0.3",
         "val_every=100", "sample_every=150", "checkpoint_every=100", "log_every=10",
         "versatilediffusion_config.num_inference_steps=20",
     )
     eval_args: tuple[str, ...] = ("--averaged-trial",)
     num_inference_steps: int = 20
-    sweep_offsets: str = "-6:12:2"  # timecourse.py --offsets of the trained decoder's time course
+    sweep_offsets: str = "-6:12:3"  # timecourse.py --offsets of the trained decoder's time course
     sweep_images: int = 20  # its --limit
     threads: int = 1  # tiny models are per-op-overhead bound: one thread beats two on a busy 2-core machine
     seed: int = 0

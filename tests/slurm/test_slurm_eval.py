@@ -273,3 +273,25 @@ def test_node_failure_requeues_the_jobs_and_the_run_completes(tiny, slurm_run, s
     for i, img in enumerate(_images(cache)):
         np.testing.assert_array_equal(img, np.asarray(Image.open(out / f"{i}.png")),
                                       err_msg=f"image {i}: differs from the local run's after the requeue")
+
+
+def test_timecourse_runs_its_steps_as_slurm_jobs(tiny, slurm_run, slurm_cluster):
+    """timecourse.py --infra-yaml: the cleaned runs as data jobs, the (offset, image) reconstructions as one job
+    array; at the model's own offset (+3) its images are eval.py's (the same per-image PixCorr as the local run)."""
+    import json
+
+    cache = slurm_run["cache"]
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    cmd = [sys.executable, str(REPO / "timecourse.py"), *tiny["args"], "--cache", str(cache), "--offsets", "2:5",
+           "--infra-yaml", str(tiny["infra"])]
+    proc = _run(cmd, slurm_cluster)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [j for j in slurm_cluster.jobs() if j["id"] not in before]
+    series = [j for j in jobs if j["name"].startswith("RunSeriesConfig")]
+    gen = [j for j in jobs if j["name"].startswith("SweepGenerationConfig")]
+    assert series and all(j["state"] == "COMPLETED" for j in series)
+    assert len(gen) == 2 and len({j["array"] for j in gen}) == 1 and all(j["state"] == "COMPLETED" for j in gen)
+    summary = json.loads((cache / "timecourse_subj01_unaveraged" / "timecourse.json").read_text())
+    at3 = next(r for r in summary["rows"] if r["offset"] == 3)["metrics"]["pixcorr"]["per_image"]
+    local = json.loads((tiny["root"] / "local" / "reconstructions_subj01_unaveraged" / "metrics.json").read_text())
+    assert list(at3.values()) == local["per_image"]["pixcorr"]
