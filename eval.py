@@ -137,8 +137,9 @@ def resolve_config(args: argparse.Namespace):
 
     cfg = build_config(args)
     checked = preflight(cfg)
-    extra = [f"checkpoint={json.dumps(str(checked.checkpoint))}", f"checkpoint_digest={checked.digest}",
-             f"data_digest={checked.data_digest}"]
+    # quoted: a hex digest made only of digits (or like 12e34) would otherwise be read as a number
+    extra = [f"checkpoint={json.dumps(str(checked.checkpoint))}", f"checkpoint_digest={json.dumps(checked.digest)}",
+             f"data_digest={json.dumps(checked.data_digest)}"]
     if checked.brain_config is not None:
         extra += brain_overrides(args, cfg, checked.checkpoint, checked.brain_config)
     from dynadiff.evaluation import checkpoint_window

@@ -134,7 +134,7 @@ def model_window(checkpoint: Path, nsd_cfg: "NsdDatasetConfig") -> ModelWindow:
 class SweepData:
     """eval.py's test samples, with every window of any offset cut from the cleaned runs (each loaded once)."""
 
-    def __init__(self, nsd_cfg: "NsdDatasetConfig", series: tp.Sequence[np.ndarray] | None = None) -> None:
+    def __init__(self, nsd_cfg: "NsdDatasetConfig") -> None:
         from dynadiff.data import nsd
         from dynadiff.data.dataset import list_trials, select_samples
 
@@ -146,14 +146,15 @@ class SweepData:
         self.items = items
         self.samples = select_samples(trials, "test", nsd_cfg.averaged, nsd_cfg.seed)
         self.nsd_ids = [s[0].nsd_id for s in self.samples]
-        self._series = list(series) if series is not None else list(self.series_config().series(
-            [nsd.RunEvents(item.run, (), item.stamp) for item in items]))
+        self._series = list(self.series_config().series([nsd.RunEvents(item.run, (), item.stamp) for item in items]))
 
     def series_config(self):
         from dynadiff.config import RunSeriesConfig
 
         infra = self.cfg.infra.model_dump(exclude_defaults=True)
         infra.pop("version", None)
+        # whole runs are large (about 14 MB each for NSD's 15.7k voxels): read back memory-mapped, never all in RAM
+        infra["keep_in_ram"] = False
         return RunSeriesConfig(nsddata_path=self.cfg.nsddata_path, infra=infra)
 
     @property

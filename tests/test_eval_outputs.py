@@ -74,6 +74,20 @@ def _assert_one_run(folder: Path, means: dict, checkpoint: Path, n: int) -> None
         assert result["per_image"]["pixcorr"][i] == pytest.approx(np.corrcoef(rec, gt)[0, 1], abs=1e-6)
 
 
+@pytest.mark.parametrize("digest", ["1119165644017420", "12e4567890123456", "0000000000000001"])
+def test_a_digest_that_reads_as_a_number_stays_a_string(eval_cli, eval_setup, tmp_path, monkeypatch, digest):
+    """Hex digests made of digits (a demo run met "1119165644017420") are passed as quoted overrides, never read as
+    numbers (an int, a float or 1) that the config refuses or silently changes."""
+    from dynadiff import evaluation
+    from dynadiff.data import dataset
+
+    monkeypatch.setattr(dataset, "data_digest", lambda cfg: digest)
+    monkeypatch.setattr(evaluation, "checkpoint_digest", lambda path: digest)
+    args = [*eval_setup["base"], "--cache", str(tmp_path / "cache"), "--checkpoint", str(eval_setup["ckpt"])]
+    cfg = eval_cli.resolve_config(eval_cli.parse_args(args))
+    assert cfg.data_digest == digest and cfg.checkpoint_digest == digest
+
+
 def test_two_checkpoints_one_cache_a_b_a(eval_cli, eval_setup, tmp_path, capsys):
     """A, then B, then A again into one cache: each run's printed metrics are those of the folder it names, B
     leaves A's outputs untouched, and the third run (served from exca's cached result) names A's folder."""
