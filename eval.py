@@ -110,23 +110,28 @@ def brain_overrides(args: argparse.Namespace, cfg, checkpoint: Path, recorded: d
 
 
 def window_overrides(args: argparse.Namespace, cfg, checkpoint: Path, recorded: dict) -> list[str]:
-    """``data.nsd_dataset_config.{offset,duration}`` of the window a train.py checkpoint was trained on: they replace
-    the config file's (logged); a value given on the command line that disagrees is a :class:`ConfigError`."""
+    """``data.nsd_dataset_config.{offset,duration}`` of the window a train.py checkpoint was trained on, where its
+    volumes differ from the config's: they replace the config file's (logged); given on the command line, that is a
+    :class:`ConfigError`. Seconds that give the same volumes (4.6 s and 4.0 s both start at t+3) are left as given."""
+    from dynadiff.data.preprocess import window_bounds
+
     given = cfg.data.nsd_dataset_config
+    ours, theirs = (window_bounds(0, w["offset"], w["duration"]) for w in (
+        {"offset": given.offset, "duration": given.duration}, recorded))
+    if ours == theirs:
+        return []
     on_command_line = {o.split("=", 1)[0].strip() for o in args.overrides if "=" in o}
-    keys = {k: f"data.nsd_dataset_config.{k}" for k in recorded}
-    conflicts = [f"{k}={getattr(given, k)!r} (checkpoint: {v!r})" for k, v in recorded.items()
-                 if getattr(given, k) != v and keys[k] in on_command_line]
-    if conflicts:
+    keys = {k: f"data.nsd_dataset_config.{k}" for k in ("offset", "duration")}
+    volumes = "volumes t{:+d} .. t{:+d}".format
+    if set(keys.values()) & on_command_line:
         raise ConfigError(
-            f"the window given on the command line disagrees with checkpoint {checkpoint}, which was trained on "
-            f"another: {', '.join(conflicts)}. Drop those overrides: the window is taken from the checkpoint")
-    changed = {k: v for k, v in recorded.items() if getattr(given, k) != v}
-    if changed:
-        logger.info("fMRI window from the checkpoint's training config: %s (the config file has %s)",
-                    ", ".join(f"{k}={v:g} s" for k, v in changed.items()),
-                    ", ".join(f"{k}={getattr(given, k):g} s" for k in changed))
-    return [f"{keys[k]}={v!r}" for k, v in changed.items()]
+            f"the window given on the command line ({volumes(ours[0], ours[1] - 1)}) is not the one checkpoint "
+            f"{checkpoint} was trained on ({volumes(theirs[0], theirs[1] - 1)}: offset={recorded['offset']:g}, "
+            f"duration={recorded['duration']:g}). Drop those overrides: the window is taken from the checkpoint")
+    logger.info("fMRI window from the checkpoint's training config: %s (offset=%g s, duration=%g s; the config file "
+                "has %s)", volumes(theirs[0], theirs[1] - 1), recorded["offset"], recorded["duration"],
+                volumes(ours[0], ours[1] - 1))
+    return [f"{keys[k]}={recorded[k]!r}" for k in ("offset", "duration")]
 
 
 def resolve_config(args: argparse.Namespace):

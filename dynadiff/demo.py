@@ -69,7 +69,8 @@ class DemoSettings:
     eval_args: tuple[str, ...] = ("--averaged-trial",)
     num_inference_steps: int = 20
     sweep_offsets: str = "-6:12:3"  # timecourse.py --offsets of the trained decoder's time course
-    sweep_images: int = 20  # its --limit
+    sweep_images: int = 16  # its --limit
+    generation_batch: int = 20  # eval.py / timecourse.py --batch-size: tiny models are faster in big batches
     threads: int = 2  # torch threads: on an idle 2-core machine, 2 threads pre-train 2x and train 1.4x faster than 1
     seed: int = 0
 
@@ -81,7 +82,7 @@ FAST = DemoSettings(
     train_overrides=("steps=3", "batch_size=4", "brain_modules_config.hidden=16", "val_every=3", "sample_every=3",
                      "checkpoint_every=3", "log_every=1", "versatilediffusion_config.num_inference_steps=2",
                      "data.val_fraction=0.2"),
-    eval_args=("--limit", "4"), num_inference_steps=2, sweep_offsets="2:5", sweep_images=2,
+    eval_args=("--limit", "4"), num_inference_steps=2, sweep_offsets="2:5", sweep_images=2, generation_batch=4,
     threads=1,  # per-op overhead dominates such tiny models: one thread beats two on a busy machine (tests)
 )
 
@@ -285,7 +286,8 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     for label, ckpt in (("untrained", untrained), ("trained", Path(summary["best_checkpoint"] or summary["last_checkpoint"]))):
         # the brain module's sizes come from the checkpoint's metadata, as for any train.py checkpoint
         argv = ["--subject", str(s.subject), "--cache", str(workdir / f"eval_{label}"), "--checkpoint", str(ckpt),
-                "--vd_cache_dir", str(vd_dir), "--device", "cpu", "--metrics", "pixcorr,ssim", *s.eval_args,
+                "--vd_cache_dir", str(vd_dir), "--device", "cpu", "--metrics", "pixcorr,ssim",
+                "--batch-size", str(s.generation_batch), *s.eval_args,
                 *common, f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
         cfg = eval_script.resolve_config(eval_script.parse_args(argv))
         result = evaluate(cfg)
@@ -300,7 +302,8 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     tc_script = _load_script("timecourse")
     tc_argv = ["--subject", str(s.subject), "--cache", str(workdir / "timecourse"), "--checkpoint",
                str(Path(summary["best_checkpoint"] or summary["last_checkpoint"])), "--vd_cache_dir", str(vd_dir),
-               "--device", "cpu", "--metrics", "pixcorr,ssim", "--averaged-trial", "--offsets", s.sweep_offsets,
+               "--device", "cpu", "--batch-size", str(s.generation_batch), "--metrics", "pixcorr,ssim",
+               "--averaged-trial", "--offsets", s.sweep_offsets,
                "--limit", str(s.sweep_images), *common,
                f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
     from dynadiff.timecourse import run_timecourse

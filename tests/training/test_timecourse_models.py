@@ -77,10 +77,16 @@ def test_train_window_is_recorded_and_read_back_by_eval(per_offset_models, synth
     cfg = eval_script.resolve_config(eval_script.parse_args(args))
     data = cfg.data.nsd_dataset_config
     assert window_bounds(0, data.offset, data.duration) == (4, 5)
-    assert "fMRI window from the checkpoint's training config" in caplog.text
+    assert "fMRI window from the checkpoint's training config: volumes t+4 .. t+4" in caplog.text
     # a window given on the command line that is not the checkpoint's is refused
-    with pytest.raises(Exception, match="window given on the command line disagrees"):
-        eval_script.resolve_config(eval_script.parse_args(args + ["data.nsd_dataset_config.offset=4.6"]))
+    with pytest.raises(Exception, match=r"window given on the command line \(volumes t\+3 \.\. t\+8\) is not"):
+        eval_script.resolve_config(eval_script.parse_args(args + ["data.nsd_dataset_config.offset=4.0"]))
+    # other seconds for the same volumes are that window: accepted as given
+    caplog.clear()
+    same = eval_script.resolve_config(eval_script.parse_args(args + ["data.nsd_dataset_config.offset=5.0",
+                                                                      "data.nsd_dataset_config.duration=1.6"]))
+    assert window_bounds(0, same.data.nsd_dataset_config.offset, same.data.nsd_dataset_config.duration) == (4, 5)
+    assert same.data.nsd_dataset_config.offset == 5.0 and "from the checkpoint's" not in caplog.text
 
 
 def test_one_model_per_offset_and_generalization(per_offset_models, synthetic_nsd, train_vd, tmp_path, capsys):
