@@ -340,7 +340,10 @@ class TrainDataConfig(StrictModel):
         """The data config of one subject (this config's, with that subject)."""
         if subject not in self.subject_list:
             raise ValueError(f"subject {subject} is not among this run's subjects {self.subject_list}")
-        return self.nsd_dataset_config.model_copy(update={"subject": subject})
+        # clone_obj, not model_copy(update=...): a pydantic copy keeps the original's exca cache uid (its infra
+        # still belongs to the original), so the copy's windows would be cached and looked up under the first
+        # subject's folder (and prepare_data.py's windows of the other subjects, in their own, never found)
+        return self.nsd_dataset_config.infra.clone_obj(subject=subject)
 
 
 class OptimizerConfig(StrictModel):

@@ -136,3 +136,15 @@ def test_eval_reconstructs_each_subject_of_a_multi_subject_checkpoint_through_it
 
     with pytest.raises(EvaluationError, match=r"trained on subject\(s\) \[2, 1\], not on subject 5"):
         script.build_config(script.parse_args(["--subject", "5", "--checkpoint", str(checkpoint)] + extra)).run()
+
+
+def test_each_subjects_windows_are_cached_under_that_subjects_key(make_train_config, two_subject_nsd, tmp_path):
+    """The second subject's data config is a new config, with its own exca cache key: the one a config built
+    for that subject has (where prepare_data.py --windows puts its windows), not the first subject's (a pydantic
+    model_copy keeps the original's key)."""
+    from dynadiff.config import NsdDatasetConfig
+
+    cfg = make_train_config("data.subjects=[5,2]", "data.nsd_dataset_config.subject=5", nsd_root=two_subject_nsd)
+    first, second = (cfg.data.subject_config(s) for s in (5, 2))
+    fresh = NsdDatasetConfig(**{**cfg.data.nsd_dataset_config.model_dump(), "subject": 2})
+    assert second.subject == 2 and second.infra.uid() == fresh.infra.uid() != first.infra.uid()
