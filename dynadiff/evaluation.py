@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import re
 import typing as tp
 from pathlib import Path
@@ -523,21 +522,11 @@ def latest_link(cfg: EvalConfig) -> Path:
 
 def point_latest_link(cfg: EvalConfig) -> Path | None:
     """Point :func:`latest_link` at this run's folder (atomically); None, with a warning, where it cannot."""
+    from dynadiff.files import point_link
+
     link, target = latest_link(cfg), cfg.output_dir
-    if link.exists() and not link.is_symlink():
-        logger.warning("%s is a folder (an earlier version of dynadiff wrote its outputs there, or you made it): "
-                       "left as it is; this run's outputs are in %s", link, target)
-        return None
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(target.name, target_is_directory=True)
-        os.replace(tmp, link)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        logger.warning("could not point %s at %s (%s)", link, target, e.strerror or e)
-        return None
-    return link
+    return point_link(link, target, f"{link} is a folder (an earlier version of dynadiff wrote its outputs there, or "
+                                    f"you made it): left as it is; this run's outputs are in {target}")
 
 
 def evaluate(cfg: EvalConfig) -> dict:

@@ -32,6 +32,28 @@ def write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def point_link(link: Path, target: Path, taken: str) -> Path | None:
+    """Point the symlink ``link`` at ``target`` (a sibling folder), atomically (a temporary link renamed over it).
+
+    None, with a warning, where it cannot: ``link`` is a real file or folder (``taken`` says what that may be and
+    where the outputs are instead; it is left as it is), or the file system refuses links.
+    """
+    link, target = Path(link), Path(target)
+    if link.exists() and not link.is_symlink():
+        logger.warning("%s", taken)
+        return None
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        logger.warning("could not point %s at %s (%s)", link, target, e.strerror or e)
+        return None
+    return link
+
+
 @contextlib.contextmanager
 def exclusive(path: Path, what: str) -> tp.Iterator[None]:
     """An exclusive advisory lock (``flock``) on the file ``path`` for the block; ``what`` names what it guards.

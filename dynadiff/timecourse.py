@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import typing as tp
 from pathlib import Path
 
@@ -435,28 +434,18 @@ def run_timecourse(decoders: tp.Sequence[Decoder], offsets: tp.Sequence[int] | N
             "run_id", "mode", "subject", "averaged", "checkpoints", "checkpoint_digests", "data", "data_digest",
             "offsets", "n_trs", "n_images")}, indent=1))
         write_text(out / "timecourse.json", json.dumps(summary, indent=1))
-    link = point_link(out)
+    link = point_latest_link(out)
     if link is not None:
         summary = dict(summary, latest_link=str(link))
     return summary
 
 
-def point_link(out: Path) -> Path | None:
+def point_latest_link(out: Path) -> Path | None:
     """``timecourse_subjXX_{mode}`` -> the latest sweep's folder (atomically; a real folder there is left alone)."""
+    from dynadiff.files import point_link
+
     link = out.with_name(out.name.rsplit("_", 1)[0])
-    if link.exists() and not link.is_symlink():
-        logger.warning("%s is not a link: left as it is; this time course is in %s", link, out)
-        return None
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(out.name, target_is_directory=True)
-        os.replace(tmp, link)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        logger.warning("could not point %s at %s (%s)", link, out, e.strerror or e)
-        return None
-    return link
+    return point_link(link, out, f"{link} is not a link: left as it is; this time course is in {out}")
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -277,21 +277,28 @@ def test_node_failure_requeues_the_jobs_and_the_run_completes(tiny, slurm_run, s
 
 def test_timecourse_runs_its_steps_as_slurm_jobs(tiny, slurm_run, slurm_cluster):
     """timecourse.py --infra-yaml: the cleaned runs as data jobs, the (offset, image) reconstructions as one job
-    array; at the model's own offset (+3) its images are eval.py's (the same per-image PixCorr as the local run)."""
+    array; every image the same as a local sweep's (the same per-image PixCorr at every offset)."""
     import json
 
     cache = slurm_run["cache"]
     before = {j["id"] for j in slurm_cluster.jobs()}
-    cmd = [sys.executable, str(REPO / "timecourse.py"), *tiny["args"], "--cache", str(cache), "--offsets", "2:5",
-           "--infra-yaml", str(tiny["infra"])]
-    proc = _run(cmd, slurm_cluster)
+    cmd = [sys.executable, str(REPO / "timecourse.py"), *tiny["args"], "--offsets", "2:5"]
+    proc = _run(cmd + ["--cache", str(cache), "--infra-yaml", str(tiny["infra"])], slurm_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [j for j in slurm_cluster.jobs() if j["id"] not in before]
     series = [j for j in jobs if j["name"].startswith("RunSeriesConfig")]
     gen = [j for j in jobs if j["name"].startswith("SweepGenerationConfig")]
     assert series and all(j["state"] == "COMPLETED" for j in series)
     assert len(gen) == 2 and len({j["array"] for j in gen}) == 1 and all(j["state"] == "COMPLETED" for j in gen)
-    summary = json.loads((cache / "timecourse_subj01_unaveraged" / "timecourse.json").read_text())
-    at3 = next(r for r in summary["rows"] if r["offset"] == 3)["metrics"]["pixcorr"]["per_image"]
-    local = json.loads((tiny["root"] / "local" / "reconstructions_subj01_unaveraged" / "metrics.json").read_text())
-    assert list(at3.values()) == local["per_image"]["pixcorr"]
+    local_cache = tiny["root"] / "timecourse_local"
+    local = _run(cmd + ["--cache", str(local_cache)])
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    def per_image(folder: Path) -> dict:
+        summary = json.loads((folder / "timecourse_subj01_unaveraged" / "timecourse.json").read_text())
+        return {r["offset"]: r["metrics"]["pixcorr"]["per_image"] for r in summary["rows"]}
+
+    on_slurm, here = per_image(cache), per_image(local_cache)
+    assert sorted(on_slurm) == [2, 3, 4] and len(on_slurm[3]) == N_IMAGES
+    assert on_slurm == here
+    assert on_slurm[2] != on_slurm[3]  # the offsets' images differ: a mix-up would show

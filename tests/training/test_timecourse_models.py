@@ -86,7 +86,7 @@ def test_train_window_is_recorded_and_read_back_by_eval(per_offset_models, synth
     same = eval_script.resolve_config(eval_script.parse_args(args + ["data.nsd_dataset_config.offset=5.0",
                                                                       "data.nsd_dataset_config.duration=1.6"]))
     assert window_bounds(0, same.data.nsd_dataset_config.offset, same.data.nsd_dataset_config.duration) == (4, 5)
-    assert same.data.nsd_dataset_config.offset == 5.0 and "from the checkpoint's" not in caplog.text
+    assert same.data.nsd_dataset_config.offset == 5.0 and "fMRI window from the checkpoint" not in caplog.text
 
 
 def test_one_model_per_offset_and_generalization(per_offset_models, synthetic_nsd, train_vd, tmp_path, capsys):
