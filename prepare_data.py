@@ -105,20 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _join_aws_args(argv: list[str]) -> list[str]:
-    """``--aws_args --no-sign-request`` → ``--aws_args=--no-sign-request``.
+    """``--aws_args --no-sign-request`` → ``--aws_args=--no-sign-request``: the original command line passed the
+    value as a separate word, which argparse would take for an option of its own."""
+    from dynadiff.cli import join_option_values
 
-    argparse takes a value that starts with '--' and holds no space for an
-    option of its own; the original command line passed it as a separate word.
-    """
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--aws_args" and i + 1 < len(argv):
-            out.append(f"--aws_args={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
+    return join_option_values(argv, ("--aws_args",))
 
 
 def window_splits(args: argparse.Namespace) -> tuple[str, ...]:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import re
 import sys
 from pathlib import Path
 
-from dynadiff.cli import ConfigError, setup_logging
+from dynadiff.cli import ConfigError, join_option_values, setup_logging
 
 logger = logging.getLogger("dynadiff.timecourse")
 
@@ -59,16 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def join_negative_values(argv: list[str]) -> list[str]:
     """``--offsets -3:13`` -> ``--offsets=-3:13``: argparse would take a value starting with ``-`` for an option."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] in ("--offsets", "--offsets-s") and i + 1 < len(argv) and argv[i + 1][:2].replace(".", "0") in {
-                f"-{d}" for d in "0123456789"}:
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
+    return join_option_values(argv, ("--offsets", "--offsets-s"), accept=lambda v: re.match(r"-\.?\d", v) is not None)
 
 
 def expand(patterns: list[str]) -> list[Path]:

@@ -163,6 +163,24 @@ def check_device_available(name: str) -> None:
         raise ConfigError("device 'mps' asked for, but Apple's MPS backend is not available here: use --device cpu")
 
 
+def join_option_values(argv: tp.Sequence[str], options: tp.Collection[str],
+                       accept: tp.Callable[[str], bool] = lambda value: True) -> list[str]:
+    """``OPTION VALUE`` -> ``OPTION=VALUE`` for each of ``options`` whose next word ``accept`` takes.
+
+    argparse takes a word that starts with ``-`` (``--no-sign-request``, ``-3:13``) for an option of its own,
+    not for the value of the option before it; joined, it is that option's value.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv) and accept(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def value_overrides(args, keys: tp.Mapping[str, str]) -> list[str]:
     """``KEY=VALUE`` for each command-line option that was given: ``keys`` maps argparse destinations to config
     keys (options left out are ``None``)."""

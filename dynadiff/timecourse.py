@@ -49,23 +49,30 @@ class TimecourseError(RuntimeError):
 # ----------------------------------------------------------------------------- offsets
 
 
+def _range_or_list(text: str, number: type, default_step, option: str, usage: str, unit: str) -> list:
+    """``START:STOP[:STEP]`` (STOP excluded, like ``range``) or a comma-separated list of ``number``s; a one-line
+    :class:`TimecourseError` naming ``option`` otherwise."""
+    try:
+        if ":" not in text:
+            return [number(p) for p in text.split(",") if p.strip()]
+        parts = [number(p) for p in text.split(":")]
+        if len(parts) not in (2, 3):
+            raise ValueError
+    except ValueError:
+        raise TimecourseError(f"{option} {text!r}: expected {usage}") from None
+    start, stop, step = (*parts, default_step) if len(parts) == 2 else parts
+    if not step > 0:
+        raise TimecourseError(f"{option} {text}: the step must be a positive number of {unit}")
+    if number is int:
+        return list(range(start, stop, step))
+    return list(np.arange(start, stop - 1e-9, step))
+
+
 def parse_offsets(text: str) -> list[int]:
     """``START:STOP[:STEP]`` (Python's range: STOP excluded) or a comma-separated list, in TRs from the onset."""
     text = str(text).strip()
-    try:
-        if ":" in text:
-            parts = [int(p) for p in text.split(":")]
-            if len(parts) not in (2, 3):
-                raise ValueError
-            start, stop, step = (*parts, 1) if len(parts) == 2 else parts
-            if step < 1:
-                raise TimecourseError(f"--offsets {text}: the step must be a positive number of TRs")
-            offsets = list(range(start, stop, step))
-        else:
-            offsets = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise TimecourseError(f"--offsets {text!r}: expected START:STOP[:STEP] (integers, in TRs from the onset; STOP "
-                              "excluded, e.g. -3:13) or a list such as 0,3,6") from None
+    offsets = _range_or_list(text, int, 1, "--offsets", "START:STOP[:STEP] (integers, in TRs from the onset; STOP "
+                             "excluded, e.g. -3:13) or a list such as 0,3,6", "TRs")
     if not offsets:
         raise TimecourseError(f"--offsets {text}: no offset in that range (STOP is excluded: e.g. -3:13 is -3 to 12)")
     if len(set(offsets)) != len(offsets):
@@ -79,20 +86,8 @@ def offsets_from_seconds(text: str, tr: float = TR) -> tuple[list[int], dict[int
     Returns the offsets in TRs and, for each, the seconds asked for; two values snapped to one volume are an error.
     """
     text = str(text).strip()
-    try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) not in (2, 3):
-                raise ValueError
-            start, stop, step = (*parts, tr) if len(parts) == 2 else parts
-            if not step > 0:
-                raise TimecourseError(f"--offsets-s {text}: the step must be positive")
-            seconds = list(np.arange(start, stop - 1e-9, step))
-        else:
-            seconds = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise TimecourseError(f"--offsets-s {text!r}: expected START:STOP[:STEP] in seconds (STOP excluded, e.g. "
-                              "-4:16:1.33) or a list such as 0,4,8") from None
+    seconds = _range_or_list(text, float, tr, "--offsets-s", "START:STOP[:STEP] in seconds (STOP excluded, e.g. "
+                             "-4:16:1.33) or a list such as 0,4,8", "seconds")
     if not seconds or not all(np.isfinite(seconds)):
         raise TimecourseError(f"--offsets-s {text}: no finite offset")
     asked: dict[int, float] = {}
@@ -478,21 +473,43 @@ def csv_table(summary: dict) -> str:
     return buf.getvalue()
 
 
-def plot_timecourse(summary: dict) -> np.ndarray:
-    """(H, W, 3) uint8: each metric against the window's start (s from onset), 95 % interval shaded, chance dashed,
-    the number of images at each point, the model's own window marked."""
+def _metric_panels(n: int, cell: tuple[float, float], margin: tuple[float, float] = (0.0, 0.0)):
+    """A figure with one panel per metric, three to a row (panels beyond ``n`` hidden): (figure, the n panels).
+    Each panel is ``cell`` inches, plus ``margin`` for the whole figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cols = min(3, max(1, n))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols + margin[0], cell[1] * rows + margin[1]),
+                             squeeze=False, dpi=100)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    return fig, list(axes.ravel()[:n])
+
+
+def _rendered(fig, title: str) -> np.ndarray:
+    """(H, W, 3) uint8 of the figure under ``title``; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return picture
+
+
+def plot_timecourse(summary: dict) -> np.ndarray:
+    """(H, W, 3) uint8: each metric against the window's start (s from onset), 95 % interval shaded, chance dashed,
+    the number of images at each point, the model's own window marked."""
     from dynadiff.metrics.catalog import METRICS
 
     metrics = summary["metrics"] or []
-    cols = min(3, max(1, len(metrics)))
-    nrows = max(1, -(-len(metrics) // cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False, dpi=100)
-    for ax, m in zip(axes.ravel(), metrics):
+    fig, panels = _metric_panels(len(metrics), (4.2, 3.2))
+    for ax, m in zip(panels, metrics):
         rows = [r for r in summary["rows"] if m in r["metrics"]]
         x = np.array([r["start_s"] for r in rows])
         mean = np.array([r["metrics"][m]["mean"] for r in rows])
@@ -514,19 +531,12 @@ def plot_timecourse(summary: dict) -> np.ndarray:
         ax.set_title(f"{info.label} ({'higher' if info.higher_is_better else 'lower'} is better)", fontsize=9)
         ax.set_xlabel("window start (s from onset)", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in axes.ravel()[len(metrics):]:
-        ax.axis("off")
-    if metrics:
-        axes.ravel()[0].legend(fontsize=6, loc="best")
+    if panels:
+        panels[0].legend(fontsize=6, loc="best")
     mode = "averaged" if summary["averaged"] else "unaveraged"
     how = (f"{summary['n_trs']}-TR windows of one model sliding from the onset" if summary["model_offset"] is not None
            else "one model per offset, each at its own window")
-    fig.suptitle(f"subject {summary['subject']}, {mode}: {how} (n images at each point)", fontsize=9)
-    fig.tight_layout()
-    fig.canvas.draw()
-    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return picture
+    return _rendered(fig, f"subject {summary['subject']}, {mode}: {how} (n images at each point)")
 
 
 def _tile(image: np.ndarray | None, size: int = STRIP_TILE) -> np.ndarray:
@@ -565,21 +575,14 @@ def filmstrip(strips: dict[int, np.ndarray], summary: dict, max_rows: int = 8) -
 def plot_generalization(summary: dict) -> np.ndarray:
     """(H, W, 3) uint8: per metric, the train offset x test offset matrix of means (the diagonal: each model at its
     own offset), values written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from dynadiff.metrics.catalog import METRICS
 
     g = summary["generalization"]
     metrics = summary["metrics"]
-    cols = min(3, max(1, len(metrics)))
-    nrows = max(1, -(-len(metrics) // cols))
     size = 1.0 + 0.45 * len(g["test_offsets"])
-    fig, axes = plt.subplots(nrows, cols, figsize=(size * cols + 1, size * nrows + 0.6), squeeze=False, dpi=100)
+    fig, panels = _metric_panels(len(metrics), (size, size), margin=(1.0, 0.6))
     labels = [f"{k:+d}" for k in g["test_offsets"]]
-    for ax, m in zip(axes.ravel(), metrics):
+    for ax, m in zip(panels, metrics):
         values = np.array([[np.nan if v is None else v for v in row] for row in g["means"][m]], dtype=float)
         cmap = "viridis" if METRICS[m].higher_is_better else "viridis_r"
         im = ax.imshow(values, cmap=cmap, origin="lower")
@@ -592,11 +595,4 @@ def plot_generalization(summary: dict) -> np.ndarray:
         ax.set_ylabel("train offset", fontsize=8)
         ax.set_title(METRICS[m].label, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    for ax in axes.ravel()[len(metrics):]:
-        ax.axis("off")
-    fig.suptitle(f"subject {summary['subject']}: temporal generalisation (train time x test time)", fontsize=9)
-    fig.tight_layout()
-    fig.canvas.draw()
-    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return picture
+    return _rendered(fig, f"subject {summary['subject']}: temporal generalisation (train time x test time)")
