@@ -29,7 +29,9 @@ INFRA_TARGETS = {"task_infra_data": "data.nsd_dataset_config.infra", "map_infra_
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.add_argument("--compute-miou", action="store_true", help="also compute mIoU (separate environment)")
+    p.add_argument("--compute-miou", action="store_true",
+                   help="also compute mIoU: miou.model=vit-adapter (default, the paper's; environment from "
+                        "./setup_miou.sh) or miou.model=mask2former (this environment; not comparable); docs/miou.md")
     return p.parse_intermixed_args(argv)
 
 

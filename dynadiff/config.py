@@ -210,6 +210,43 @@ class SweepGenerationConfig(StrictModel):
         yield from generate_sweep_images(self, items)
 
 
+MiouModel = tp.Literal["vit-adapter", "mask2former"]
+
+
+class MiouConfig(StrictModel):
+    """mIoU (``eval.py --compute-miou``; docs/miou.md): both images of each pair segmented by ``model``.
+
+    - ``model``: ``vit-adapter``, the paper's (ViT-Adapter Mask2Former BEiT-v2-L,
+      COCO-Stuff-164k, in the separate environment ``setup_miou.sh`` builds), or
+      ``mask2former`` (Mask2Former Swin-L, COCO panoptic, run in this environment
+      through transformers; its numbers are not comparable with the paper's, and
+      every output says so).
+    - ``segmenter``: the command, a list of arguments; ``IN_DIR OUT_DIR`` are
+      appended (the contract in miou/README.md). ``None``: the model's own:
+      ``miou/env/bin/python miou/segment.py`` (vit-adapter), or this Python with
+      ``-m dynadiff.segmenters.mask2former --weights WEIGHTS`` (mask2former); both
+      get ``--device`` from eval.py's device.
+    - ``weights``: the mask2former folder (Hugging Face layout). ``None``:
+      ``{metrics_weights.weights_dir}/mask2former-swin-large-coco-panoptic``.
+    - ``n_classes``: label values are ``0 .. n_classes - 1`` (255: no class). ``None``:
+      the model's (172 bins for vit-adapter, as the original; 133 for mask2former).
+    - ``timeout_s``: the segmenter is stopped after this long (``None``: never).
+    """
+
+    model: MiouModel = "vit-adapter"
+    segmenter: list[str] | None = None
+    weights: Path | None = None
+    n_classes: int | None = pydantic.Field(None, ge=1, le=255)
+    timeout_s: float | None = pydantic.Field(None, gt=0)
+
+    @pydantic.field_validator("segmenter")
+    @classmethod
+    def _command(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not v[0].strip()):
+            raise ValueError("miou.segmenter is a command: a non-empty list of arguments, the program first")
+        return v
+
+
 class EvalConfig(StrictModel):
     """``eval.py``: reconstruct a subject's test images, then measure them (docs/behaviour.md §5).
 
@@ -238,6 +275,7 @@ class EvalConfig(StrictModel):
     metrics_weights: MetricsWeightsConfig = MetricsWeightsConfig()
     overview_images: int = pydantic.Field(8, ge=0)
     compute_miou: bool = False
+    miou: MiouConfig = MiouConfig()
     # reconstructions to 8 bits: ``truncate`` as the original, ``(x * 255).astype(uint8)`` (faithful), or ``round``
     to_uint8: tp.Literal["truncate", "round"] = "truncate"
     # version 2: reconstructions truncated to 8 bits (version 1's cached results had rounded ones)

@@ -286,6 +286,9 @@ def to_uint8(image: torch.Tensor, mode: str = "truncate") -> np.ndarray:
 def metrics_table(result: dict) -> str:
     """Markdown table: each metric next to its chance level (exact, or measured on shuffled pairs)."""
     from dynadiff.metrics.catalog import METRICS
+    from dynadiff.miou import MODELS
+
+    model_labels = {name: info.label for name, info in MODELS.items()}
 
     lines = [
         f"Metrics on {result['n_images']} test images "
@@ -302,8 +305,17 @@ def metrics_table(result: dict) -> str:
         else:
             chance_text = "n/a" if chance is None else f"{chance:.4f}"
         lines.append(f"| {info.label} | {result['means'][m]:.4f} | {chance_text} | {'↑' if info.higher_is_better else '↓'} |")
+    miou = result.get("miou")
+    if miou is not None:
+        chance = "n/a" if miou["shuffled"] is None else f"{miou['shuffled']:.4f} (shuffled pairs)"
+        lines.append(f"| mIoU ({model_labels.get(miou['segmenter']['model'], miou['segmenter']['model'])}) | "
+                     f"{miou['mean']:.4f} | {chance} | ↑ |")
     for m, why in result.get("skipped", {}).items():
         lines.append(f"| {METRICS[m].label} | skipped | | |")
+    if miou is not None and not miou["segmenter"]["comparable_with_paper"]:
+        lines += ["", f"mIoU: {miou['segmenter']['description']}." if miou["segmenter"]["model"] != "vit-adapter" else
+                  "mIoU: segmented by the command in miou.segmenter, not the paper's set-up: not comparable with the "
+                  "paper's numbers."]
     if result.get("skipped"):
         lines += ["", "Skipped:"] + [f"- {METRICS[m].label}: {why}" for m, why in result["skipped"].items()]
     return "\n".join(lines) + "\n"
@@ -346,11 +358,6 @@ def preflight(cfg: EvalConfig) -> Checked:
     from dynadiff.models.vd import check_vd_folder
 
     nsd_cfg = cfg.data.nsd_dataset_config
-    if cfg.compute_miou:
-        raise EvaluationError(
-            "--compute-miou needs the separate segmentation environment (ViT-Adapter), which this release does "
-            "not set up yet; run without it"
-        )
     if nsd_cfg.split != "test":
         raise EvaluationError(f"evaluation runs on the test split, got data.nsd_dataset_config.split={nsd_cfg.split!r}")
     if cfg.infra.cluster is None and cfg.image_generation.cluster is None:  # else: the nodes' devices count
@@ -379,7 +386,22 @@ def preflight(cfg: EvalConfig) -> Checked:
         available_metrics(cfg.metrics, cfg.metrics_weights)
     except MissingWeightsError as e:
         raise EvaluationError(f"{e}\n(`python -m dynadiff.metrics weights` lists what is present)") from e
+    if cfg.compute_miou:
+        from dynadiff.miou import SegmentationError, check_segmenter
+
+        try:
+            check_segmenter(miou_segmenter(cfg))
+        except SegmentationError as e:
+            raise EvaluationError(str(e)) from None
     return Checked(checkpoint, checkpoint_digest(checkpoint), checkpoint_brain_config(checkpoint), data)
+
+
+def miou_segmenter(cfg: EvalConfig):
+    """The :class:`dynadiff.miou.Segmenter` of ``cfg.miou``, on the evaluation's device."""
+    from dynadiff.miou import build_segmenter
+
+    device = cfg.device if cfg.infra.cluster is not None else resolve_device(cfg.device)  # a node's: resolved there
+    return build_segmenter(cfg.miou, cfg.metrics_weights.resolved_weights_dir(), "auto" if device == "auto" else device)
 
 
 def reconstruction_config(cfg: EvalConfig) -> ReconstructionConfig:
@@ -455,8 +477,19 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     _write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     if cfg.overview_images:
         _save_png(overview_grid(gts, recs, cfg.overview_images), out / "overview.png")
+    miou = None
+    if cfg.compute_miou:  # first: a segmenter that fails does so before the other metrics' work
+        from dynadiff.miou import SegmentationError, compute_miou
+
+        try:
+            miou = compute_miou(recs, gts, miou_segmenter(cfg), Path(cfg.infra.folder or "./cache"), cfg.miou.timeout_s)
+        except SegmentationError as e:
+            raise EvaluationError(f"mIoU: {e}\nNo metrics were written; run without --compute-miou to get the others"
+                                  ) from None
     result = compute_metrics(recs, gts, cfg.metrics, device=resolve_device(cfg.device), batch_size=max(cfg.batch_size, 8),
                              weights=cfg.metrics_weights, identification=cfg.identification, progress=True)
+    if miou is not None:
+        result["miou"] = miou
     result["subject"] = nsd_cfg.subject
     result["averaged"] = nsd_cfg.averaged
     result["checkpoint"] = str(checkpoint)
