@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 SIZE = 512  # both images of a pair are segmented at 512x512, as the original
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK2FORMER_FOLDER = "mask2former-swin-large-coco-panoptic"
+VIT_ADAPTER_MODEL = "mask2former_beitv2_adapter_large_896_80k_cocostuff164k"  # miou/segment.py's checkpoint name
 
 
 class SegmentationError(RuntimeError):
@@ -84,6 +85,7 @@ class Segmenter:
     n_classes: int
     default_command: bool  # the model's own command, not one given in miou.segmenter
     device_args: tuple[str, ...] = ()  # appended to a default command; not part of the cache identity
+    weights: tuple[str, ...] = ()  # files the command reads without naming them (part of the cache identity)
 
     @property
     def info(self) -> ModelInfo:
@@ -94,7 +96,7 @@ class Segmenter:
         """16 hex digits naming the segmentation cache: model, label count, command and the files it names (size
         and modification time of each path argument, a folder's files included): new weights, new cache."""
         h = hashlib.sha1(json.dumps([self.model, self.n_classes, list(self.command)]).encode())
-        for arg in self.command:
+        for arg in (*self.command, *self.weights):
             path = Path(arg)
             if arg and path.exists():
                 for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
@@ -124,10 +126,15 @@ def build_segmenter(cfg: MiouConfig, weights_dir: Path, device: str = "cpu") -> 
     if cfg.segmenter is not None:
         return Segmenter(cfg.model, tuple(cfg.segmenter), n_classes, default_command=False)
     if cfg.model == "vit-adapter":
-        command = (str(REPO_ROOT / "miou" / "env" / "bin" / "python"), str(REPO_ROOT / "miou" / "segment.py"))
-    else:
-        command = (sys.executable, "-m", "dynadiff.segmenters.mask2former", "--weights",
-                   str(mask2former_weights(cfg, weights_dir)))
+        miou = REPO_ROOT / "miou"
+        env = Path(os.environ.get("MIOU_ENV") or miou / "env")  # setup_miou.sh --prefix / $MIOU_ENV
+        command = (str(env / "bin" / "python"), str(miou / "segment.py"))
+        weights = Path(os.environ.get("MIOU_WEIGHTS") or miou / "weights") / f"{VIT_ADAPTER_MODEL}.pth"
+        # segment.py takes cuda, cuda:N or cpu (its default: cuda); "auto" (a cluster node's device) leaves it
+        device_args = () if device == "auto" else ("--device", device)
+        return Segmenter(cfg.model, command, n_classes, True, device_args, weights=(str(weights),))
+    command = (sys.executable, "-m", "dynadiff.segmenters.mask2former", "--weights",
+               str(mask2former_weights(cfg, weights_dir)))
     return Segmenter(cfg.model, command, n_classes, default_command=True, device_args=("--device", device))
 
 
@@ -141,7 +148,7 @@ def check_segmenter(seg: Segmenter) -> None:
         raise SegmentationError(f"--compute-miou: the segmenter program {program} is not there (or not executable): "
                                 f"{how}")
     if seg.default_command:
-        missing = [a for a in seg.command[1:] if os.sep in a and not Path(a).exists()]
+        missing = [a for a in (*seg.command[1:], *seg.weights) if os.sep in a and not Path(a).exists()]
         if missing:
             raise SegmentationError(f"--compute-miou: {missing[0]} is missing: {how}")
 
