@@ -1,7 +1,8 @@
 """Download every weight file eval.py and train.py read, into the places they read them from.
 
-    python prepare_weights.py                          # everything: checkpoints, Versatile Diffusion, metric networks
+    python prepare_weights.py                          # checkpoints, Versatile Diffusion, metric networks
     python prepare_weights.py --only vd,metrics        # or --only vd --only metrics
+    python prepare_weights.py --only segmenter         # Mask2Former, for eval.py's miou.model=mask2former (not by default)
     python prepare_weights.py --subjects 1 --vd_cache_dir /data/vd
     python prepare_weights.py --list > weights.tsv     # URL, size, destination of each file (fetch elsewhere, copy)
     python prepare_weights.py --verify                 # offline: what is present, missing or damaged (exit 1 if any)
@@ -20,7 +21,15 @@ What goes where (defaults in config/weights.yaml; KEY=VALUE overrides any key):
   config.json, model.safetensors) into ``{DYNADIFF_WEIGHTS}/clip-vit-large-patch14``,
   DreamSim's release, the DINO repository and DINO's weights into
   ``{DYNADIFF_WEIGHTS}/dreamsim``: where the metric code looks (``python -m
-  dynadiff.metrics weights``).
+  dynadiff.metrics weights``);
+- ``segmenter``, only when asked for (``--only segmenter``: over 800 MB, for an
+  optional metric): facebook/mask2former-swin-large-coco-panoptic's
+  config.json, preprocessor_config.json and one copy of the weights
+  (model.safetensors, else pytorch_model.bin) into
+  ``{DYNADIFF_WEIGHTS}/mask2former-swin-large-coco-panoptic``
+  (``segmenter.path``), the default ``--weights`` of ``python -m
+  dynadiff.segmenters.mask2former``, the in-environment mIoU segmenter
+  (not comparable with the paper's ViT-Adapter mIoU).
 
 Each file is written to ``.NAME.part`` and renamed once complete and checked
 (size, SHA-256 or git hash where known): an interrupted run never leaves a
@@ -40,26 +49,27 @@ import sys
 from pathlib import Path
 
 from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging, value_overrides
-from dynadiff.fetch.config import GROUPS, SUBJECTS
+from dynadiff.fetch.config import DEFAULT_GROUPS, GROUPS, SUBJECTS
 
 logger = logging.getLogger("prepare_weights")
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "weights.yaml"
-# options that set one config key to their value, and the group they belong to
+# options that set one config key to their value, and the groups they are about (the first named in messages)
 FLAG_KEYS = {
-    "checkpoints_dir": ("checkpoints.dir", "checkpoints"),
-    "vd_cache_dir": ("versatilediffusion_config.vd_cache_dir", "vd"),
-    "torch_home": ("metrics_weights.torch_home", "metrics"),
-    "weights_dir": ("metrics_weights.weights_dir", "metrics"),
-    "swav_path": ("metrics_weights.swav_path", "metrics"),
-    "clip_path": ("metrics_weights.clip_path", "metrics"),
-    "dreamsim_cache": ("metrics_weights.dreamsim_cache", "metrics"),
+    "checkpoints_dir": ("checkpoints.dir", ("checkpoints",)),
+    "vd_cache_dir": ("versatilediffusion_config.vd_cache_dir", ("vd",)),
+    "torch_home": ("metrics_weights.torch_home", ("metrics",)),
+    "weights_dir": ("metrics_weights.weights_dir", ("metrics", "segmenter")),
+    "swav_path": ("metrics_weights.swav_path", ("metrics",)),
+    "clip_path": ("metrics_weights.clip_path", ("metrics",)),
+    "dreamsim_cache": ("metrics_weights.dreamsim_cache", ("metrics",)),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", metavar="GROUP",
-                   help=f"fetch only these groups, among {', '.join(GROUPS)} (repeat, or a comma list; default: all)")
+                   help=f"fetch only these groups, among {', '.join(GROUPS)} (repeat, or a comma list; default: "
+                   f"{', '.join(DEFAULT_GROUPS)}; the segmenter only when asked for)")
     p.add_argument("--subjects", type=int, nargs="+", choices=SUBJECTS, metavar="S",
                    help=f"checkpoints of these subjects, among {list(SUBJECTS)} (default: all four)")
     p.add_argument("--checkpoints-dir", type=Path, metavar="DIR",
@@ -71,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-home", type=Path, metavar="DIR",
                    help="torch cache root of the torchvision and SwAV files (default $TORCH_HOME, else ~/.cache/torch)")
     p.add_argument("--weights-dir", type=Path, metavar="DIR",
-                   help="root of the CLIP and DreamSim folders (default $DYNADIFF_WEIGHTS, else ./weights)")
+                   help="root of the CLIP, DreamSim and segmenter folders (default $DYNADIFF_WEIGHTS, else ./weights)")
     p.add_argument("--swav-path", type=Path, metavar="FILE", help="SwAV ResNet-50 file (default: in the torch cache)")
     p.add_argument("--clip-path", type=Path, metavar="DIR", help="CLIP ViT-L/14 folder")
     p.add_argument("--dreamsim-cache", type=Path, metavar="DIR", help="DreamSim cache folder")
@@ -90,13 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_groups(values: list[str] | None) -> list[str]:
-    """``--only`` values (repeated and/or comma lists) → groups in fetch order; ValueError for an unknown one."""
+    """``--only`` values (repeated and/or comma lists) → groups in fetch order (none given: the default groups,
+    :data:`~dynadiff.fetch.config.DEFAULT_GROUPS`); ValueError for an unknown one."""
     if not values:
-        return list(GROUPS)
+        return list(DEFAULT_GROUPS)
     asked = [v.strip() for value in values for v in value.split(",") if v.strip()]
     unknown = [v for v in asked if v not in GROUPS]
     if unknown or not asked:
-        raise ValueError(f"--only takes {', '.join(GROUPS)} (repeated or comma-separated), got {', '.join(values)!r}")
+        extra = [g for g in GROUPS if g not in DEFAULT_GROUPS]
+        raise ValueError(f"--only takes {', '.join(DEFAULT_GROUPS)} (the default set) or {', '.join(extra)} "
+                         f"(repeated or comma-separated), got {', '.join(values)!r}")
     return [g for g in GROUPS if g in asked]
 
 
@@ -139,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.retries < 0:
         parser.error(f"--retries must be >= 0, got {args.retries}")
-    given = {dest: group for dest, (_, group) in FLAG_KEYS.items() if getattr(args, dest) is not None}
-    given.update({"subjects": "checkpoints"} if args.subjects is not None else {})
-    given.update({"dual_attention": "vd"} if args.dual_attention else {})
-    for dest, group in given.items():
-        if group not in groups:
-            parser.error(f"--{dest.replace('_', '-') if dest != 'vd_cache_dir' else dest} is about the {group} "
-                         f"group, which --only leaves out: add --only {group}")
+    given = {dest: about for dest, (_, about) in FLAG_KEYS.items() if getattr(args, dest) is not None}
+    given.update({"subjects": ("checkpoints",)} if args.subjects is not None else {})
+    given.update({"dual_attention": ("vd",)} if args.dual_attention else {})
+    for dest, about in given.items():
+        if not set(about) & set(groups):
+            parser.error(f"--{dest.replace('_', '-') if dest != 'vd_cache_dir' else dest} is about the "
+                         f"{' or '.join(about)} group, which --only leaves out: add --only {about[0]}")
 
     from dynadiff.fetch.http import FetchError
     from dynadiff.fetch.run import fetch, list_lines, make_plans, verify
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     metric_folders = dict.fromkeys(str(f) for f in (w.checkpoints_dir(), w.resolved_swav_path().parent,
                                                     w.resolved_clip_path(), w.resolved_dreamsim_cache()))
     places = {"checkpoints": str(cfg.checkpoints.dir), "vd": str(cfg.versatilediffusion_config.vd_cache_dir),
-              "metrics": ", ".join(metric_folders)}
+              "metrics": ", ".join(metric_folders), "segmenter": str(cfg.segmenter.resolved_path(w))}
     logger.info("done: %s", "; ".join(f"{g} in {places[g]}" for g in groups))
     return 0
 

@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from dynadiff.config import MiouConfig
+from dynadiff.segmenters.mask2former import FOLDER_NAME
 
 logger = logging.getLogger(__name__)
 
 SIZE = 512  # both images of a pair are segmented at 512x512, as the original
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MASK2FORMER_FOLDER = "mask2former-swin-large-coco-panoptic"
 VIT_ADAPTER_MODEL = "mask2former_beitv2_adapter_large_896_80k_cocostuff164k"  # miou/segment.py's checkpoint name
 
 
@@ -116,7 +116,7 @@ class Segmenter:
 
 def mask2former_weights(cfg: MiouConfig, weights_dir: Path) -> Path:
     """The mask2former folder: ``miou.weights``, else ``{weights_dir}/mask2former-swin-large-coco-panoptic``."""
-    return Path(cfg.weights).expanduser() if cfg.weights is not None else Path(weights_dir) / MASK2FORMER_FOLDER
+    return Path(cfg.weights).expanduser() if cfg.weights is not None else Path(weights_dir) / FOLDER_NAME
 
 
 def build_segmenter(cfg: MiouConfig, weights_dir: Path, device: str = "cpu") -> Segmenter:

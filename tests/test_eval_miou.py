@@ -197,3 +197,33 @@ def test_default_segmenters(tmp_path):
     (tmp_path / "mask2former-swin-large-coco-panoptic" / "config.json").write_text('{"other": 1}')
     assert m2f.identity != before
     check_segmenter(m2f)
+
+
+def test_mask2former_in_this_environment_through_eval(setup, tmp_path):
+    """miou.model=mask2former on tiny random weights (the real layout): the protocol end to end, labelled as not
+    comparable; the scores are those of the cached label maps, recomputed here."""
+    from dynadiff.miou import image_key
+    from dynadiff.models.tiny import write_tiny_mask2former
+
+    weights = write_tiny_mask2former(tmp_path / "m2f", n_labels=7)
+    cache = tmp_path / "cache"
+    proc = run_eval(setup, cache, "--limit", "3", "--metrics", "pixcorr", "--compute-miou", "miou.model=mask2former",
+                    f"miou.weights={weights}")
+    assert proc.returncode == 0, proc.stderr
+    out = cache / "reconstructions_subj01_unaveraged"
+    miou = json.loads((out / "metrics.json").read_text())["miou"]
+    seg = miou["segmenter"]
+    assert seg["model"] == "mask2former" and seg["comparable_with_paper"] is False and seg["n_classes"] == 133
+    assert seg["command"][1:4] == ["-m", "dynadiff.segmenters.mask2former", "--weights"]
+    table = (out / "metrics.md").read_text()
+    assert "| mIoU (Mask2Former Swin-L, COCO panoptic: not the paper's) |" in table
+    assert "NOT comparable with the paper's ViT-Adapter mIoU" in table
+    store = cache / "segmentations" / seg["cache_id"]
+    gts = [np.asarray(Image.open(out / f"{i}_gt.png").convert("RGB")) for i in range(3)]
+    recs = [np.asarray(Image.open(out / f"{i}.png").convert("RGB").resize((512, 512), Image.Resampling.BICUBIC))
+            for i in range(3)]
+    labels = [np.asarray(Image.open(store / f"{image_key(g)}.png")) for g in gts]
+    preds = [np.asarray(Image.open(store / f"{image_key(r)}.png")) for r in recs]
+    assert all(m.shape == (512, 512) and m.dtype == np.uint8 and m.max() < 7 for m in labels + preds)
+    expected = [reference_iou(p, lab) for p, lab in zip(preds, labels)]
+    np.testing.assert_allclose(miou["per_image"], expected, rtol=1e-12)

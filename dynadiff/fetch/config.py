@@ -16,8 +16,12 @@ from pathlib import Path
 import pydantic
 
 from dynadiff.metrics.config import MetricsWeightsConfig
+from dynadiff.segmenters import mask2former
 
-GROUPS = ("checkpoints", "vd", "metrics")  # --only choices, in fetch order
+GROUPS = ("checkpoints", "vd", "metrics", "segmenter")  # --only choices, in fetch order
+# what a run without --only fetches: what eval.py and train.py need; the segmenter (over 800 MB) serves only the
+# optional in-environment mIoU (eval.py's miou.model=mask2former), so it is fetched when asked for (--only segmenter)
+DEFAULT_GROUPS = ("checkpoints", "vd", "metrics")
 SUBJECTS = (1, 2, 5, 7)  # published checkpoints (dynadiff.data.nsd.SUBJECTS, without importing numpy)
 VdSubfolder = tp.Literal["image_unet", "vae", "scheduler", "text_unet"]
 
@@ -74,6 +78,22 @@ class MetricsSource(_Strict):
     clip_revision: Revision = "main"  # of dynadiff.metrics.weights.CLIP_REPO
 
 
+class SegmenterSource(_Strict):
+    """Mask2Former (COCO panoptic) for the in-environment mIoU (:mod:`dynadiff.segmenters.mask2former`):
+    ``config.json``, ``preprocessor_config.json`` and one copy of the weights (``model.safetensors``, else
+    ``pytorch_model.bin``) into ``path``, by default ``{metrics_weights.weights_dir}/mask2former-swin-large-coco-
+    panoptic``, where the segmenter reads them."""
+
+    repo: str = mask2former.REPO
+    revision: Revision = "main"
+    path: Path | None = None
+
+    def resolved_path(self, weights: MetricsWeightsConfig) -> Path:
+        if self.path is not None:
+            return Path(self.path).expanduser()
+        return weights.resolved_weights_dir() / mask2former.FOLDER_NAME
+
+
 class Mirrors(_Strict):
     """Base URLs of the plain downloads; each published URL starting with the default is fetched from the
     value instead (a mirror, or a local server in the tests). The Hub's is ``HF_ENDPOINT``."""
@@ -109,4 +129,5 @@ class WeightsFetchConfig(_Strict):
     versatilediffusion_config: VdSource = VdSource()
     metrics: MetricsSource = MetricsSource()
     metrics_weights: MetricsWeightsConfig = MetricsWeightsConfig()
+    segmenter: SegmenterSource = SegmenterSource()
     mirrors: Mirrors = Mirrors()

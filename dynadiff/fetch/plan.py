@@ -1,11 +1,13 @@
 """Every weight file of a group, as a URL, a destination and what the file must be.
 
 Groups: ``checkpoints`` (the published Dynadiff checkpoints), ``vd``
-(Versatile Diffusion's image UNet, VAE, scheduler) and ``metrics`` (the metric
+(Versatile Diffusion's image UNet, VAE, scheduler), ``metrics`` (the metric
 networks, from :mod:`dynadiff.metrics.weights`, the one catalogue of their
-files). A Hub group is planned from a listing of its repository (names, sizes,
-hashes): fresh from the Hub, or the one recorded when it was fetched (see
-:class:`Manifest`), which is what ``--verify`` uses, offline.
+files) and ``segmenter`` (Mask2Former, for the in-environment mIoU,
+:mod:`dynadiff.segmenters.mask2former`). A Hub group is planned from a
+listing of its repository (names, sizes, hashes): fresh from the Hub, or the
+one recorded when it was fetched (see :class:`Manifest`), which is what
+``--verify`` uses, offline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dynadiff.fetch import hub
 from dynadiff.fetch.config import WeightsFetchConfig
 from dynadiff.fetch.http import Expected, FetchError, human
 from dynadiff.metrics import weights as W
+from dynadiff.segmenters import mask2former as M2F
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ _VD_SKIP = re.compile(r"(\.fp16\.|\.msgpack$|\.onnx|\.h5$|\.ckpt$|\.ot$)")
 class Item:
     """One download: ``url`` to ``dest`` (an archive: unpacked into the folder ``dest``)."""
 
-    group: str  # "checkpoints", "vd", "metrics"
+    group: str  # "checkpoints", "vd", "metrics", "segmenter"
     label: str  # how logs name it
     url: str
     dest: Path
@@ -293,3 +296,33 @@ def _plan_clip(cfg: WeightsFetchConfig, listing: hub.HubListing | None, error: s
         return
     for name in wanted:
         plan.items.append(_hub_item("metrics", listing, name, folder / name, folder))
+
+
+def plan_segmenter(cfg: WeightsFetchConfig, listing: hub.HubListing | None) -> Plan:
+    """Mask2Former's ``config.json``, ``preprocessor_config.json`` and one copy of its weights (``model.safetensors``
+    where the repository has it, else ``pytorch_model.bin``; no TF/Flax copies) into the folder the segmenter
+    reads (``segmenter.path``, by default ``{metrics_weights.weights_dir}/mask2former-swin-large-coco-panoptic``)."""
+    src = cfg.segmenter
+    folder = src.resolved_path(cfg.metrics_weights)
+    plan = Plan("segmenter")
+    if listing is None:
+        base = f"{hub.endpoint()}/{src.repo}/resolve/{src.revision}"
+        for name in M2F.CONFIG_FILES:
+            plan.unlisted.append((name, f"{base}/{name}", folder / name))
+        weights = M2F.WEIGHT_FILES
+        plan.unlisted.append(("weights", f"{base}/{weights[0]} (or {' or '.join(weights[1:])})", folder / weights[0]))
+        return plan
+    plan.listings.append((folder, listing))
+    weights = [name for name in M2F.WEIGHT_FILES if name in listing.files][:1]
+    missing = [name for name in M2F.CONFIG_FILES if name not in listing.files]
+    if missing or not weights:
+        lacks = missing + ([] if weights else [" or ".join(M2F.WEIGHT_FILES)])
+        plan.errors.append(f"{src.repo}@{src.revision} (commit {listing.commit[:12]}) lacks {', '.join(lacks)}: check "
+                           "segmenter.repo and segmenter.revision in config/weights.yaml")
+        return plan
+    names = [*M2F.CONFIG_FILES, *weights]
+    size = sum(listing.files[name].size or 0 for name in names)
+    plan.notes.append(f"{src.repo}: {', '.join(names)} ({human(size)}) -> {folder}")
+    for name in names:
+        plan.items.append(_hub_item("segmenter", listing, name, folder / name, folder))
+    return plan

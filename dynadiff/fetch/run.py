@@ -19,9 +19,11 @@ from dynadiff.fetch.plan import (
     get_listing,
     plan_checkpoints,
     plan_metrics,
+    plan_segmenter,
     plan_vd,
 )
 from dynadiff.metrics import weights as W
+from dynadiff.segmenters import mask2former as M2F
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,17 @@ def make_plans(cfg: WeightsFetchConfig, groups: list[str], *, online: bool, retr
             src = cfg.versatilediffusion_config
             found, error = listing(src.repo, src.revision, src.vd_cache_dir, "versatilediffusion_config.revision")
             plan = plan_vd(cfg, found)
-        else:
+        elif group == "metrics":
             found, error = listing(W.CLIP_REPO, cfg.metrics.clip_revision, cfg.metrics_weights.resolved_clip_path(),
                                    "metrics.clip_revision")
             plan = plan_metrics(cfg, found, error)
             error = ""  # already in the plan, beside the other networks' files
+        elif group == "segmenter":
+            src = cfg.segmenter
+            found, error = listing(src.repo, src.revision, src.resolved_path(cfg.metrics_weights), "segmenter.revision")
+            plan = plan_segmenter(cfg, found)
+        else:
+            raise ValueError(f"unknown group {group!r}")
         if error:
             plan.errors.insert(0, error)
         plans.append(plan)
@@ -132,7 +140,8 @@ def fetch(plans: list[Plan], *, retries: int = 5, backoff: float = 1.0, progress
 
 
 _FOLDER_OPTION = {"checkpoints": "--checkpoints-dir", "vd": "--vd_cache_dir",
-                  "metrics": "--torch-home, --weights-dir, or the metrics_weights.* settings"}
+                  "metrics": "--torch-home, --weights-dir, or the metrics_weights.* settings",
+                  "segmenter": "--weights-dir, or segmenter.path=DIR"}
 
 
 def _cannot_write(folder: Path) -> str:
@@ -295,6 +304,11 @@ def _verify_unlisted(group: str, what: str, dest: Path) -> Check:
         if (dest / config).is_file() and weights:
             return Check(group, "ok", dest, unchecked)
         return Check(group, "MISSING", dest, f"no {config}" if not (dest / config).is_file() else "no weights file")
+    if group == "segmenter" and what == "weights":  # either copy of the weights
+        present = [dest.with_name(name) for name in M2F.WEIGHT_FILES if dest.with_name(name).is_file()]
+        if present:
+            return Check(group, "ok", present[0], unchecked)
+        return Check(group, "MISSING", dest, f"no {' or '.join(M2F.WEIGHT_FILES)}")
     if dest.is_file():
         return Check(group, "ok", dest, unchecked)
     return Check(group, "MISSING", dest, what)

@@ -147,3 +147,36 @@ def write_tiny_vd(
     scheduler.register_to_config(clip_sample=False)
     scheduler.save_pretrained(folder / "scheduler")
     return folder
+
+
+def write_tiny_mask2former(folder: Path, n_labels: int = 7, seed: int = 0, image_size: int = 64) -> Path:
+    """A tiny random Mask2Former (Swin backbone) in the layout of ``facebook/mask2former-swin-large-coco-panoptic``
+    (``config.json``, ``model.safetensors``, ``preprocessor_config.json``), as ``prepare_weights.py --only
+    segmenter`` leaves it. The class head and mask embedder are drawn wide, so that its maps hold several classes
+    rather than one everywhere."""
+    import torch
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    swin = SwinConfig(image_size=image_size, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    id2label = {i: f"class{i}" for i in range(n_labels)}
+    config = Mask2FormerConfig(backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=32, num_queries=6, id2label=id2label,
+                               label2id={v: k for k, v in id2label.items()})
+    with _seeded(seed):
+        model = Mask2FormerForUniversalSegmentation(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "class_predictor" in name or "mask_embedder" in name:
+                    p.normal_(0.0, 2.0)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    Mask2FormerImageProcessor(size={"shortest_edge": image_size, "longest_edge": 2 * image_size},
+                              size_divisor=32).save_pretrained(folder)
+    return folder
