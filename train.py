@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 from pathlib import Path
 
-from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging, value_overrides
+from dynadiff.cli import ConfigError, apply_overrides, join_option_values, load_yaml, setup_logging, value_overrides
 
 logger = logging.getLogger("dynadiff.train")
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "train.yaml"
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="base YAML config (default config/train.yaml; with --resume, the run's)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
+    # `--window -3:3`: argparse would take -3:3 for an option; joined, it is --window's value
+    argv = join_option_values(sys.argv[1:] if argv is None else list(argv), ("--window",),
+                              accept=lambda v: re.match(r"-\d", v) is not None)
     return p.parse_intermixed_args(argv)  # KEY=VALUE overrides may come between flags
 
 

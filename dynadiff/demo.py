@@ -71,6 +71,11 @@ class DemoSettings:
     sweep_offsets: str = "-6:12:3"  # timecourse.py --offsets of the trained decoder's time course
     sweep_images: int = 16  # its --limit
     generation_batch: int = 20  # eval.py / timecourse.py --batch-size: tiny models are faster in big batches
+    # --generalization: one decoder per offset, each on a 1-TR window (train.py --window k:k+1), then every decoder
+    # at every offset (timecourse.py --checkpoints ... --generalization)
+    generalization_offsets: str = "-3:12:3"
+    generalization_overrides: tuple[str, ...] = ("steps=250", "val_every=250", "sample_every=0",
+                                                 "checkpoint_every=250")
     threads: int = 2  # torch threads: on an idle 2-core machine, 2 threads pre-train 2x and train 1.4x faster than 1
     seed: int = 0
 
@@ -83,6 +88,7 @@ FAST = DemoSettings(
                      "checkpoint_every=3", "log_every=1", "versatilediffusion_config.num_inference_steps=2",
                      "data.val_fraction=0.2"),
     eval_args=("--limit", "4"), num_inference_steps=2, sweep_offsets="2:5", sweep_images=2, generation_batch=4,
+    generalization_offsets="-1:2:2", generalization_overrides=("steps=2", "val_every=2", "checkpoint_every=2"),
     threads=1,  # per-op overhead dominates such tiny models: one thread beats two on a busy machine (tests)
 )
 
@@ -236,8 +242,10 @@ def pixel_identification_from_folder(folder: Path, n: int, direction: str) -> fl
     return float(np.mean(pixel_identification(recs, gts, direction)))
 
 
-def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
-    """The whole demo in ``workdir``; returns the untrained and trained results and the paths."""
+def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = True,
+             generalization: bool = False) -> dict:
+    """The whole demo in ``workdir``; returns the untrained and trained results and the paths. ``generalization``:
+    then one decoder per offset, and the temporal generalisation matrix (:func:`run_generalization`)."""
     import torch
 
     from dynadiff.checkpoint import save_checkpoint
@@ -311,6 +319,11 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     decoders, offsets, asked = tc_script.resolve(tc_script.parse_args(tc_argv))
     timecourse = run_timecourse(decoders, offsets, asked)
     times["time course"] = time.perf_counter() - t
+    matrix = None
+    if generalization:
+        t = time.perf_counter()
+        matrix = run_generalization(workdir, s, vd_dir, train_argv, common, progress)
+        times["per-offset decoders and generalisation"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
     report = {"untrained": results["untrained"], "trained": results["trained"], "train_summary": summary,
               "times_s": times, "overview": str(Path(results["trained"]["output_dir"]) / "overview.png"),
@@ -319,8 +332,59 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
                                                         "output_dir")},
               "timecourse_pixcorr": {r["offset"]: r["metrics"]["pixcorr"]["mean"] for r in timecourse["rows"]},
               "timecourse_command": shlex.join([sys.executable, str(REPO_ROOT / "timecourse.py"), *tc_argv])}
+    if matrix is not None:
+        report["generalization"] = matrix
     (workdir / "demo_results.json").write_text(json.dumps(report, indent=1, default=str))
     return report
+
+
+def run_generalization(workdir: Path, s: DemoSettings, vd_dir: Path, train_argv: list[str], common: list[str],
+                       progress: bool = True) -> dict:
+    """One decoder per offset of ``s.generalization_offsets``, each trained (train.py's loop, the demo's settings
+    but ``s.generalization_overrides``) on the 1-TR window at its offset; then timecourse.py's pipeline with
+    ``--checkpoints ... --generalization``: each decoder at every offset. Returns where the PixCorr matrix peaks."""
+    from dynadiff.timecourse import parse_offsets, run_timecourse
+
+    train_script = _load_script("train")
+    checkpoints = []
+    for k in parse_offsets(s.generalization_offsets):
+        out = workdir / "per_offset" / f"offset{k:+d}"
+        argv = [*[a for a in train_argv if a not in ("--output", str(workdir / "train"))], "--output", str(out),
+                "--window", f"{k}:{k + 1}", *s.generalization_overrides]
+        cfg = train_script.build_config(train_script.parse_args(argv))
+        logger.info("decoder of offset %+d (1-TR window)", k)
+        summary = cfg.run()
+        checkpoints.append(str(Path(summary["best_checkpoint"] or summary["last_checkpoint"])))
+    tc_script = _load_script("timecourse")
+    tc_argv = ["--subject", str(s.subject), "--cache", str(workdir / "generalization"), "--checkpoints", *checkpoints,
+               "--generalization", "--vd_cache_dir", str(vd_dir), "--device", "cpu", "--batch-size",
+               str(s.generation_batch), "--metrics", "pixcorr,ssim", "--averaged-trial", "--limit", str(s.sweep_images),
+               *common, f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
+    decoders, offsets, asked = tc_script.resolve(tc_script.parse_args(tc_argv))
+    summary = run_timecourse(decoders, offsets, asked, generalization=True)
+    g = summary["generalization"]
+    means = np.array(g["means"]["pixcorr"], dtype=float)  # (train offset, test offset)
+    j, k = np.unravel_index(np.nanargmax(means), means.shape)
+    return {"offsets": g["train_offsets"], "pixcorr": means.tolist(), "best_train_offset": g["train_offsets"][j],
+            "best_test_offset": g["test_offsets"][k], "output_dir": summary["output_dir"],
+            "command": shlex.join([sys.executable, str(REPO_ROOT / "timecourse.py"), *tc_argv])}
+
+
+def generalization_lines(report: dict) -> str:
+    """The generalisation matrix (PixCorr), where it peaks, and its picture."""
+    from dynadiff.data.preprocess import TR
+
+    g = report["generalization"]
+    offsets = g["offsets"]
+    lines = ["Temporal generalisation (PixCorr; rows: the offset a 1-TR decoder was trained on, columns: the offset "
+             "it is tested on):", "| train \\ test | " + " | ".join(f"{k:+d}" for k in offsets) + " |",
+             "| --- |" + " ---: |" * len(offsets)]
+    lines += [f"| {k:+d} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for k, row in zip(offsets, g["pixcorr"])]
+    j, k = g["best_train_offset"], g["best_test_offset"]
+    lines += [f"Best: trained and tested at {j:+d} and {k:+d} TRs ({k * TR:+.1f} s after the onset)"
+              f"{' (on the diagonal)' if j == k else ''}",
+              f"Generalisation matrix: {Path(g['output_dir']) / 'generalization.png'}"]
+    return "\n".join(lines)
 
 
 def comparison_table(report: dict) -> str:

@@ -27,7 +27,7 @@ def fast_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("fast_demo") / "demo"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert _script("demo").main(["--fast", "--output", str(out)]) == 0
+        assert _script("demo").main(["--fast", "--generalization", "--output", str(out)]) == 0
     return out, stdout.getvalue()
 
 
@@ -59,6 +59,15 @@ def test_fast_demo_trains_a_checkpoint_that_eval_loads(fast_demo):
     assert tc["peak_offset"]["pixcorr"] == max(curve, key=curve.get)
     assert f"Peak at offset {tc['peak_offset']['pixcorr']:+d}" in printed
     assert f"Time course plot: {tc_dir / 'timecourse.png'}" in printed and (tc_dir / "timecourse.png").is_file()
+    # --generalization: one decoder per offset (1-TR windows), each tested at every offset
+    g = report["generalization"]
+    g_dir = Path(g["output_dir"])
+    saved = json.loads((g_dir / "timecourse.json").read_text())
+    assert g["offsets"] == saved["offsets"] == [-1, 1] and saved["n_trs"] == [1, 1]  # a negative --window too
+    assert g["pixcorr"] == saved["generalization"]["means"]["pixcorr"]
+    best = np.unravel_index(np.argmax(g["pixcorr"]), (2, 2))
+    assert (g["best_train_offset"], g["best_test_offset"]) == (g["offsets"][best[0]], g["offsets"][best[1]])
+    assert f"Generalisation matrix: {g_dir / 'generalization.png'}" in printed and (g_dir / "generalization.png").is_file()
     # the tiny VD is in VD's layout, its VAE's scaling factor set from the pre-trained latents
     vd_dir = out / "versatile_diffusion"
     assert vd.check_vd_folder(vd_dir) == vd_dir

@@ -144,3 +144,10 @@ def test_a_bad_window_is_one_line(window, synthetic_nsd, train_vd, tmp_path, cap
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and f"--window {window}: expected START:STOP" in errors[0] and "\n" not in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_window_start_is_a_value_not_an_option():
+    train = load_script("train")
+    assert train.parse_args(["--window", "-3:3", "steps=2"]).window == "-3:3"
+    assert train.parse_args(["--window", "-3:-2"]).window == "-3:-2"
+    assert train.parse_args(["--window", "4:5", "--verbose"]).window == "4:5"
