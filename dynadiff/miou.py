@@ -151,6 +151,14 @@ def check_segmenter(seg: Segmenter) -> None:
         missing = [a for a in (*seg.command[1:], *seg.weights) if os.sep in a and not Path(a).exists()]
         if missing:
             raise SegmentationError(f"--compute-miou: {missing[0]} is missing: {how}")
+        if seg.model == "mask2former":  # each file of the folder, as the segmenter will want it
+            from dynadiff.cli import ConfigError
+            from dynadiff.segmenters.mask2former import check_weights
+
+            try:
+                check_weights(Path(seg.command[seg.command.index("--weights") + 1]))
+            except ConfigError as e:
+                raise SegmentationError(f"--compute-miou: {e}") from None
 
 
 def image_key(image: np.ndarray) -> str:

@@ -190,13 +190,15 @@ def test_default_segmenters(tmp_path):
     with pytest.raises(SegmentationError, match=r"mask2former-swin-large-coco-panoptic is missing: fetch it with "
                                                 r"`python prepare_weights.py --only segmenter`"):
         check_segmenter(m2f)
+    folder = tmp_path / "mask2former-swin-large-coco-panoptic"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(SegmentationError, match=r"preprocessor_config.json not found: fetch it with"):
+        check_segmenter(m2f)  # each file the segmenter needs, before any work
     # new weights, new cache
-    (tmp_path / "mask2former-swin-large-coco-panoptic").mkdir()
-    (tmp_path / "mask2former-swin-large-coco-panoptic" / "config.json").write_text("{}")
     before = m2f.identity
-    (tmp_path / "mask2former-swin-large-coco-panoptic" / "config.json").write_text('{"other": 1}')
+    (folder / "config.json").write_text('{"other": 1}')
     assert m2f.identity != before
-    check_segmenter(m2f)
 
 
 def test_mask2former_in_this_environment_through_eval(setup, tmp_path):
