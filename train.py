@@ -4,6 +4,7 @@
     python train.py --subjects 1 2 5 7 --output runs/all     # one model, a subject layer each
     python train.py --output runs/subj01 --resume             # continue an interrupted run exactly
     python train.py --output runs/subj01 --resume --steps 40000   # train a run longer (lr: the 40000-step schedule)
+    torchrun --nproc_per_node 8 train.py --subject 1 ...      # data-parallel: one process per GPU (batch per GPU)
 
 Defaults come from config/train.yaml (with --resume: from the run's own
 config.yaml); flags override them; KEY=VALUE overrides (any config key,
@@ -126,11 +127,20 @@ def check_before_run(cfg) -> None:
     from dynadiff.cli import check_device_available
     from dynadiff.training import check_inputs, check_output
 
+    from dynadiff.distributed import detect_world
+    from dynadiff.training import TrainingError
+
     check_inputs(cfg)
+    world = detect_world()
+    if world.launcher == "torchrun" and cfg.infra.cluster is not None:
+        raise TrainingError(f"train.py runs under torchrun ({world.size} processes) but the infra asks for a cluster "
+                            f"job (infra.cluster={cfg.infra.cluster}): use one or the other (for a multi-task cluster "
+                            "job: nodes and tasks_per_node in the infra YAML, without torchrun)")
     if cfg.infra.cluster is None:  # the training runs in this process: its device must be here
         check_device_available(cfg.device)  # (a cluster node may have GPUs that this machine lacks)
     elif cfg.resume:  # before submitting the job (which checks again): --resume, and --steps against the checkpoint
-        check_output(cfg, Path(cfg.output_dir))
+        tasks = (cfg.infra.nodes or 1) * (cfg.infra.tasks_per_node or 1)
+        check_output(cfg, Path(cfg.output_dir), tasks)
 
 
 def resume_hint(cfg, argv: list[str]) -> str:
@@ -178,6 +188,7 @@ def run(args: argparse.Namespace, built: dict) -> int:
     logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     from dynadiff.checkpoint import CheckpointError
     from dynadiff.data.nsd import NsdDataError
+    from dynadiff.distributed import DistributedSetupError, detect_world
     from dynadiff.training import TrainingError
 
     from dynadiff import jobs
@@ -186,11 +197,19 @@ def run(args: argparse.Namespace, built: dict) -> int:
         cfg = built["cfg"] = build_config(args)
         check_before_run(cfg)
         before = jobs.snapshot(cfg.infra)
-        result = cfg.run()
+        world = detect_world()
+        if world.distributed:  # one of torchrun's processes: every one trains (no exca job, no shared result)
+            from dynadiff.training import train
+
+            result = train(cfg)
+            if not world.is_main:
+                return 0
+        else:
+            result = cfg.run()
     except ConfigError as e:
         logger.error("%s", e)
         return 2
-    except (TrainingError, NsdDataError, CheckpointError, FileNotFoundError) as e:
+    except (TrainingError, NsdDataError, CheckpointError, FileNotFoundError, DistributedSetupError) as e:
         logger.error("%s", e)
         return 1
     except jobs.JOB_ERRORS as e:  # the training job failed (cluster run)

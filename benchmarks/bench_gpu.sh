@@ -10,6 +10,13 @@
 #   OUT=/some/folder benchmarks/bench_gpu.sh       # also writes bench_gpu.{md,json,log} and nvidia-smi.txt there
 #   benchmarks/bench_gpu.sh --tiny --device cpu    # the same script on tiny models: checks it on a CPU
 #
+# Training memory (issue 14), with BENCH_TRAIN=1: after the sampler, the published-size training step
+# (benchmarks/bench_train.py --published) under torchrun on every visible GPU, DDP without and with the
+# sharded optimizer (--shard-optimizer, ZeRO-1): per-GPU peak memory, AdamW state per GPU, samples/s.
+# With one GPU the two rows differ by nothing (one shard); the AdamW state column says what 8 GPUs split.
+#
+#   BENCH_TRAIN=1 OUT=/some/folder benchmarks/bench_gpu.sh
+#
 # Time: the measurements stop starting new configurations after BENCH_GPU_BUDGET seconds (default 390)
 # and the whole run is killed at BENCH_GPU_BUDGET + 90 s (8 minutes by default); rows are written after
 # each configuration, so a killed run keeps what it measured. Extra arguments go to bench_gpu.py.
@@ -49,5 +56,14 @@ if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
     if [ -n "${OUT:-}" ] && [ -f "$OUT/bench_gpu.md" ]; then
         cat "$OUT/bench_gpu.md"
     fi
+fi
+if [ "${BENCH_TRAIN:-0}" = "1" ]; then
+    NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    TORCHRUN="$(dirname "$PY")/torchrun"
+    for shard in "" "--shard-optimizer"; do
+        echo "command: $TORCHRUN --standalone --nproc_per_node $NGPU benchmarks/bench_train.py --published --device cuda --steps 3 $shard" | tee -a "$LOG"
+        timeout -k 15 300 "$TORCHRUN" --standalone --nproc_per_node "$NGPU" benchmarks/bench_train.py --published \
+            --device cuda --steps 3 --warmup 1 $shard ${OUT:+--json "$OUT/bench_train_ddp${shard:+_zero1}.json"} 2>&1 | tee -a "$LOG"
+    done
 fi
 exit "$status"

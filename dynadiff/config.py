@@ -113,6 +113,8 @@ class InfraResources(StrictModel):
 
     cluster: tp.Literal["auto", "local", "slurm", "debug", "threadpool", "processpool"] | None = None
     folder: Path | None = None
+    nodes: int | None = pydantic.Field(None, ge=1)  # train only: data-parallel processes = nodes x tasks_per_node
+    tasks_per_node: int | None = pydantic.Field(None, ge=1)  # train only: one per GPU
     cpus_per_task: int | None = pydantic.Field(None, ge=1)
     gpus_per_node: int | None = pydantic.Field(None, ge=0)
     mem_gb: float | None = pydantic.Field(None, gt=0)
@@ -429,6 +431,12 @@ class TrainConfig(StrictModel):
     ``model.safetensors`` is what ``eval.py --checkpoint`` reads.
     ``infra`` (an exca ``TaskInfra``) runs the training in this process
     (default) or as a SLURM job (``--infra-yaml``, section ``train``).
+
+    Data-parallel (``torchrun --nproc_per_node N``, or ``infra.nodes`` x ``infra.tasks_per_node`` tasks):
+    ``batch_size`` is per process, the global batch ``batch_size x processes x grad_accumulation``;
+    ``shard_optimizer`` splits the AdamW moments over the processes (ZeRO stage 1,
+    ``torch.distributed.optim.ZeroRedundancyOptimizer``); a collective that waits more than
+    ``dist_timeout_s`` seconds (a process died or hangs) fails the run.
     """
 
     data: TrainDataConfig = TrainDataConfig()
@@ -451,6 +459,9 @@ class TrainConfig(StrictModel):
     output_dir: Path = Path("./runs/train")
     resume: bool = False  # continue from output_dir/checkpoints/last
     progress: bool = True  # console progress bar
+    shard_optimizer: bool = False  # data-parallel: AdamW moments split over the processes (ZeRO-1)
+    # data-parallel: seconds a collective may wait (longer than a checkpoint, a validation or a sample grid)
+    dist_timeout_s: float = pydantic.Field(1800.0, gt=0)
     # retry: a failed run (e.g. a preempted job) runs again; it continues from its checkpoint with resume=true
     infra: exca.TaskInfra = exca.TaskInfra(version="1", mode="retry")
 
@@ -465,13 +476,18 @@ class TrainConfig(StrictModel):
             )
         if self.data.val_fraction == 0 and self.val_every:
             raise ValueError("val_fraction is 0 (no validation split): set val_every=0 too, or a val_fraction > 0")
+        tasks = (self.infra.nodes or 1) * (self.infra.tasks_per_node or 1)
+        if tasks > 1 and self.infra.cluster is None:
+            raise ValueError(f"infra: nodes x tasks_per_node = {tasks} processes need a cluster (infra.cluster slurm, "
+                             "auto or local); on one machine without one, use torchrun --nproc_per_node")
         return self
 
     @property
     def subjects(self) -> list[int]:
         return self.data.subject_list
 
-    @infra.apply(exclude_from_cache_uid=("device", "cpu_threads", "progress", "resume", "data.num_workers"))
+    @infra.apply(exclude_from_cache_uid=("device", "cpu_threads", "progress", "resume", "data.num_workers",
+                                         "dist_timeout_s", "shard_optimizer"))
     def run(self) -> dict:
         """Train (or continue with ``resume``); returns a summary (steps, losses, checkpoint paths)."""
         from dynadiff.training import train

@@ -17,7 +17,10 @@ Usage, around a map call::
 
 Jobs are found in exca's log folder (``logs: {folder}/logs/{user}/%j``, one
 sub-folder per job id, holding ``<id>_submitted.pkl`` and the
-``<id>_0_log.out`` / ``<id>_0_log.err`` streams).
+``<id>_<task>_log.out`` / ``<id>_<task>_log.err`` streams). A job of several
+tasks (a data-parallel training: ``nodes x tasks_per_node``) is reported task
+by task, the rank that stopped first (no result: killed) before the ranks
+whose collectives then failed.
 """
 
 from __future__ import annotations
@@ -40,6 +43,27 @@ _SHOWN_ITEMS = 20  # missing items listed in a report (then "...")
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskOutcome:
+    """One task (rank) of a job of several tasks."""
+
+    task_id: int
+    state: str  # COMPLETED, FAILED (its code raised), DIED (no result: killed, out of memory, node lost)
+    stdout: Path
+    stderr: Path
+    error: str = ""
+
+    @property
+    def peer_failure(self) -> bool:
+        """Its code raised because a collective failed (another rank stopped or hung), not by itself."""
+        return self.state == "FAILED" and any(m in self.error for m in _PEER_ERRORS)
+
+
+# what a rank's collective raises when another rank died (gloo, NCCL) or did not answer in time
+_PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "DistBackendError", "NCCL",
+                "timed out", "Timeout", "Broken pipe")
+
+
+@dataclasses.dataclass(frozen=True)
 class JobOutcome:
     """One finished job: its scheduler state and its log files."""
 
@@ -48,6 +72,7 @@ class JobOutcome:
     stdout: Path
     stderr: Path
     error: str = ""  # last line of the traceback, for a job whose function raised
+    tasks: tuple[TaskOutcome, ...] = ()  # a job of several tasks: each, the first to have stopped first
 
     @property
     def ok(self) -> bool:
@@ -82,6 +107,39 @@ def _scheduler(infra) -> str:
     return str(infra.cluster)
 
 
+def _n_tasks(infra) -> int:
+    return (getattr(infra, "nodes", 1) or 1) * (getattr(infra, "tasks_per_node", 1) or 1)
+
+
+def _task_outcomes(pattern: Path, job_id: str, n_tasks: int, job_state: str, load: tp.Callable) -> tuple:
+    from submitit.core.utils import JobPaths
+
+    out = []
+    for task in range(n_tasks):
+        paths = JobPaths(pattern, job_id=job_id, task_id=task)
+        state, error = "DIED", ""
+        if paths.result_pickle.exists():
+            state, error = _read_outcome(paths.result_pickle, load)
+        elif job_state in ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"):
+            state = job_state
+        out.append(TaskOutcome(task, state, paths.stdout, paths.stderr, error))
+    # the rank that stopped by itself first: died, or raised for its own reason, before those whose peers failed
+    order = {"DIED": 0, "OUT_OF_MEMORY": 0, "NODE_FAIL": 0, "TIMEOUT": 1, "CANCELLED": 1, "PREEMPTED": 1}
+    return tuple(sorted(out, key=lambda t: (t.state == "COMPLETED", order.get(t.state, 2), t.peer_failure,
+                                            t.task_id)))
+
+
+def _read_outcome(path: Path, load: tp.Callable) -> tuple[str, str]:
+    try:
+        outcome, payload = _load_result(path, load)
+    except Exception as e:  # a truncated or unreadable result: the job did not finish cleanly
+        return "FAILED", f"unreadable result file ({type(e).__name__}: {e})"
+    if outcome == "success":
+        return "COMPLETED", ""
+    lines = [line for line in str(payload).strip().splitlines() if line.strip()]
+    return "FAILED", lines[-1].strip() if lines else ""
+
+
 def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOutcome]:
     """Wait until each job has finished, then read its outcome (sorted by job id)."""
     import submitit
@@ -92,6 +150,7 @@ def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOu
         return []
     pattern = folder / "%j"
     scheduler = _scheduler(infra)
+    n_tasks = _n_tasks(infra)
     pending = {}
     for job_id in job_ids:
         pending[job_id] = submitit.SlurmJob(folder=pattern, job_id=job_id) if scheduler == "slurm" else None
@@ -100,7 +159,7 @@ def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOu
         running = []
         for job_id, job in pending.items():
             paths = JobPaths(pattern, job_id=job_id, task_id=0)
-            if paths.result_pickle.exists():
+            if paths.result_pickle.exists() and n_tasks == 1:
                 continue
             if job is not None:
                 if not job.done():
@@ -130,7 +189,13 @@ def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOu
                     error = lines[-1].strip() if lines else ""
         elif job is not None:
             state = job.state.split()[0] if job.state else "UNKNOWN"  # e.g. "CANCELLED by 0"
-        out.append(JobOutcome(job_id=job_id, state=state, stdout=paths.stdout, stderr=paths.stderr, error=error))
+        tasks = ()
+        if n_tasks > 1:
+            tasks = _task_outcomes(pattern, job_id, n_tasks, state, pickle_load)
+            if state == "COMPLETED" and not all(t.state == "COMPLETED" for t in tasks):
+                state = "FAILED"
+        out.append(JobOutcome(job_id=job_id, state=state, stdout=paths.stdout, stderr=paths.stderr, error=error,
+                              tasks=tasks))
     return out
 
 
@@ -185,6 +250,21 @@ def _worker_name(liveness) -> str:
     return f"job {liveness}"
 
 
+def _task_lines(o: JobOutcome) -> list[str]:
+    """A job of several tasks: each rank's state, error and logs, the one that stopped first first."""
+    first = o.tasks[0]
+    lines = [f"  job {o.job_id}: {o.state}, {len(o.tasks)} tasks; rank {first.task_id} stopped first"]
+    why = {"DIED": "died without a result (killed by a signal, out of memory, or its node failed)"}
+    for t in o.tasks:
+        text = why.get(t.state, t.state) + (f": {t.error}" if t.error else "")
+        if t.peer_failure:
+            text += " (a collective failed: another rank had stopped)"
+        lines.append(f"    rank {t.task_id} (task {t.task_id}): {text}")
+        lines.append(f"      logs: {t.stderr}")
+        lines.append(f"            {t.stdout}")
+    return lines
+
+
 def failure_report(infra, what: str, before: set[str], items: tp.Sequence | None = None,
                    error: BaseException | None = None, noun: str = "item") -> str:
     """Describe the jobs this run submitted (those not in ``before``), once they have all finished.
@@ -207,6 +287,9 @@ def failure_report(infra, what: str, before: set[str], items: tp.Sequence | None
     lines = [f"{what}: {len(failed)} of {len(outcomes)} cluster job(s) failed (on {_scheduler(infra)}); "
              "the results of the other jobs are kept in the cache."]
     for o in failed:
+        if o.tasks:
+            lines += _task_lines(o)
+            continue
         lines.append(f"  job {o.job_id}: {o.state}" + (f": {o.error}" if o.error else ""))
         if o.stderr.exists() or o.stdout.exists():
             lines.append(f"    logs: {o.stderr}")
@@ -222,7 +305,8 @@ def failure_report(infra, what: str, before: set[str], items: tp.Sequence | None
         more_jobs = ", or split it over more jobs (max_jobs)" if items is not None else ""
         lines.append(f"A job reached its time limit: give this step more time (its timeout_min in the infra "
                      f"YAML){more_jobs}.")
-    reraise = any(o.state == "FAILED" for o in failed)
+    reraise = any((o.state == "FAILED" and not o.tasks) or any(t.state == "FAILED" and not t.peer_failure
+                                                                for t in o.tasks) for o in failed)
     lines.append("Run the same command again to compute only what is missing"
                  + (" (a job whose code raised will raise again: read its log first)." if reraise else "."))
     return "\n".join(lines)

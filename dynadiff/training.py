@@ -100,11 +100,20 @@ class SampleStream:
 
 
 class StepBatches:
-    """``batch_sampler`` for a DataLoader: the micro-batches of steps ``start_step, start_step + 1, ...``."""
+    """``batch_sampler`` for a DataLoader: the micro-batches of steps ``start_step, start_step + 1, ...``.
 
-    def __init__(self, stream: SampleStream, batch_size: int, accumulation: int, start_step: int, stop_step: int):
+    With ``world_size`` processes, micro-batch ``m`` of step ``k`` is the stretch of ``batch_size * world_size``
+    stream positions that one process with that batch size takes, and ``rank`` takes its rows
+    ``rank * batch_size .. (rank + 1) * batch_size - 1``.
+    """
+
+    def __init__(self, stream: SampleStream, batch_size: int, accumulation: int, start_step: int, stop_step: int,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not within world_size {world_size}")
         self.stream, self.batch_size, self.accumulation = stream, batch_size, accumulation
         self.start_step, self.stop_step = start_step, stop_step
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return max(0, self.stop_step - self.start_step) * self.accumulation
@@ -112,7 +121,7 @@ class StepBatches:
     def __iter__(self) -> tp.Iterator[list[int]]:
         for step in range(self.start_step, self.stop_step):
             for micro in range(self.accumulation):
-                start = (step * self.accumulation + micro) * self.batch_size
+                start = ((step * self.accumulation + micro) * self.world_size + self.rank) * self.batch_size
                 yield self.stream.positions(start, self.batch_size)
 
 
@@ -215,8 +224,14 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> tuple[torch.optim.AdamW, list[str]]:
-    """AdamW over the trainable parameters (weight decay on matrices only); also their names, in order."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, shard: bool = False
+                    ) -> tuple[torch.optim.Optimizer, list[str]]:
+    """AdamW over the trainable parameters (weight decay on matrices only); also their names, in order.
+
+    ``shard`` (data-parallel runs): a ``ZeroRedundancyOptimizer`` whose AdamW moments are split over the
+    processes (each keeps and updates those of its share of the parameters, then broadcasts them), as
+    ZeRO stage 1; the same update as AdamW's.
+    """
     decay, no_decay, names = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -227,8 +242,30 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> tuple[torch
         if params:
             groups.append({"params": [p for _, p in params], "weight_decay": wd})
             names += [n for n, _ in params]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if shard:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=cfg.lr, betas=tuple(cfg.betas),
+                                      eps=cfg.eps)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return opt, names
+
+
+def _is_sharded(opt: torch.optim.Optimizer) -> bool:
+    return hasattr(opt, "consolidate_state_dict")  # torch.distributed.optim.ZeroRedundancyOptimizer
+
+
+def _indexed_param_groups(opt: torch.optim.Optimizer) -> list[dict]:
+    """``opt.state_dict()["param_groups"]`` (parameters as indices), also for a sharded optimizer whose state
+    dict needs a collective."""
+    if not _is_sharded(opt):
+        return opt.state_dict()["param_groups"]
+    out, i = [], 0
+    for g in opt.param_groups:
+        out.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(i, i + len(g["params"])))})
+        i += len(g["params"])
+    return out
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -297,11 +334,14 @@ def _checkpoint_metadata(cfg: TrainConfig, step: int, extra: dict) -> dict:
 
 def save_training_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, param_names: list[str], sched,
                              scaler, cfg: TrainConfig, step: int, best_val: float | None, with_state: bool = True,
-                             extra: dict | None = None, log_window: tuple[float, int] = (0.0, 0)) -> Path:
+                             extra: dict | None = None, log_window: tuple[float, int] = (0.0, 0),
+                             world_size: int = 1) -> Path:
     """Write ``folder/model.safetensors`` (what eval.py reads) and, with ``with_state``,
     ``folder/state.safetensors`` (AdamW moments per parameter name, scheduler, loss
     scaler, step, best validation loss, ``log_window``: the summed loss and count of the
-    steps since the last logged train row; everything ``--resume`` needs). Atomic."""
+    steps since the last logged train row, ``world_size``: the processes that trained it;
+    everything ``--resume`` needs). Atomic. A sharded optimizer's state must have been
+    consolidated on this process first (``consolidate_state_dict``)."""
     from safetensors.torch import save_file
 
     from dynadiff.checkpoint import save_checkpoint
@@ -324,7 +364,7 @@ def save_training_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, pa
             "param_names": json.dumps(param_names), "param_groups": json.dumps(groups),
             "scheduler": json.dumps(sched.state_dict()), "scaler": json.dumps(scaler.state_dict() if scaler else None),
             "best_val_loss": json.dumps(best_val), "train_config": cfg.model_dump_json(),
-            "log_window": json.dumps(list(log_window)),
+            "log_window": json.dumps(list(log_window)), "world_size": str(world_size),
         }
         save_file(tensors, str(tmp / STATE_FILE), metadata=state_meta)
 
@@ -339,6 +379,7 @@ class ResumeState:
     best_val: float | None
     config: dict
     log_window: tuple[float, int] = (0.0, 0)  # (summed loss, count) of the steps not logged yet
+    world_size: int = 1  # processes of the run that wrote it
 
 
 def read_resume_state(folder: Path) -> ResumeState:
@@ -349,7 +390,7 @@ def read_resume_state(folder: Path) -> ResumeState:
         raise TrainingError(f"{folder / STATE_FILE} is not a dynadiff training state (format {STATE_FORMAT})")
     loss_sum, n = json.loads(meta.get("log_window", "[0.0, 0]"))  # absent from older states: an empty window
     return ResumeState(Path(folder), int(meta["step"]), json.loads(meta["best_val_loss"]), json.loads(meta["train_config"]),
-                       (float(loss_sum), int(n)))
+                       (float(loss_sum), int(n)), int(meta.get("world_size", "1")))  # absent before issue 14: 1
 
 
 def load_training_state(state: ResumeState, model, opt: torch.optim.Optimizer, param_names: list[str], sched,
@@ -373,13 +414,13 @@ def load_training_state(state: ResumeState, model, opt: torch.optim.Optimizer, p
     for key, value in tensors.items():
         field, name = key.split("/", 1)
         per_param.setdefault(param_names.index(name), {})[field] = value
-    current = opt.state_dict()
+    current = _indexed_param_groups(opt)
     groups = json.loads(meta["param_groups"])
-    if [g["n_params"] for g in groups] != [len(g["params"]) for g in current["param_groups"]]:
+    if [g["n_params"] for g in groups] != [len(g["params"]) for g in current]:
         raise TrainingError(f"{state.folder}: the optimizer's parameter groups do not match this model's")
-    for saved, group in zip(groups, current["param_groups"]):
+    for saved, group in zip(groups, current):
         group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "n_params"})
-    opt.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
+    opt.load_state_dict({"state": per_param, "param_groups": current})
     sched.load_state_dict(json.loads(meta["scheduler"]))
     # The saved param_groups carry the lr of the schedule the state was saved with; the lr of this step is
     # that of sched's schedule (cfg.steps): the same value unless steps changed (an extended run).
@@ -426,12 +467,22 @@ def _fmt(value) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-def training_step_loss(model, batch: dict, generator: torch.Generator, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """The docs/behaviour.md §4 loss of one micro-batch (a hook: tests wrap it to interrupt a run)."""
-    device = model.device
+def training_step_loss(model, batch: dict, generator: torch.Generator, autocast_dtype: torch.dtype | None,
+                       share: tuple[int, int] | None = None) -> torch.Tensor:
+    """The docs/behaviour.md §4 loss of one micro-batch (a hook: tests wrap it to interrupt a run).
+
+    ``share = (start, total)``: ``model`` is the DDP-wrapped :class:`dynadiff.distributed.LossModule` and the
+    batch is rows ``start ..`` of a global micro-batch of ``total`` samples."""
+    if share is None:
+        device = model.device
+        with _autocast(device, autocast_dtype):
+            return model.training_loss(batch["brain"].to(device, non_blocking=True),
+                                       batch["img"].to(device, non_blocking=True),
+                                       batch["subject_idx"].to(device), generator=generator)
+    device = model.module.model.device
     with _autocast(device, autocast_dtype):
-        return model.training_loss(batch["brain"].to(device, non_blocking=True), batch["img"].to(device, non_blocking=True),
-                                   batch["subject_idx"].to(device), generator=generator)
+        return model(batch["brain"].to(device, non_blocking=True), batch["img"].to(device, non_blocking=True),
+                     batch["subject_idx"].to(device), generator, share)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -449,27 +500,53 @@ def _seeded_global_rng(seed: int, device: torch.device):
         yield
 
 
+@dataclasses.dataclass
+class DataParallel:
+    """A data-parallel run, for :func:`optimizer_step`: the DDP-wrapped loss and this process's place."""
+
+    ddp: torch.nn.Module  # DistributedDataParallel(dynadiff.distributed.LossModule(model))
+    world: tp.Any  # dynadiff.distributed.World
+    device: torch.device
+
+
 def optimizer_step(model, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], micro_batches: tp.Iterable[dict],
                    accumulation: int, step: int, seed: int, grad_clip: float | None,
-                   autocast_dtype: torch.dtype | None = None, scaler=None) -> tuple[float, float]:
+                   autocast_dtype: torch.dtype | None = None, scaler=None,
+                   parallel: DataParallel | None = None) -> tuple[float, float]:
     """One optimizer step over ``accumulation`` micro-batches: (mean loss, gradient norm before clipping).
 
     Micro-batch ``m`` of step ``step`` draws its diffusion noise from a generator seeded
     by ``(seed, step, m)`` and its dropout from the global generators seeded likewise.
+    With ``parallel``, every process seeds alike, draws for the global micro-batch and keeps its rows;
+    DDP averages the gradients (once per step: the other micro-batches accumulate without
+    synchronisation) and the returned loss is the mean over the processes.
     """
     device = model.device
     opt.zero_grad(set_to_none=True)
     step_loss = 0.0
     for micro, batch in enumerate(micro_batches):
         g = torch.Generator(device).manual_seed(step_seed(seed, step, micro, _NOISE))
-        with _seeded_global_rng(step_seed(seed, step, micro, _DROPOUT), device):
-            loss = training_step_loss(model, batch, g, autocast_dtype)
+        share, no_sync = None, contextlib.nullcontext()
+        if parallel is not None:
+            b = len(batch["brain"])
+            share = (parallel.world.rank * b, parallel.world.size * b)
+            if micro < accumulation - 1:
+                no_sync = parallel.ddp.no_sync()
+        with _seeded_global_rng(step_seed(seed, step, micro, _DROPOUT), device), no_sync:
+            if share is None:
+                loss = training_step_loss(model, batch, g, autocast_dtype)
+            else:
+                loss = training_step_loss(parallel.ddp, batch, g, autocast_dtype, share=share)
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss {float(loss)} at step {step}: lower optim.lr or use "
                                     "mixed_precision=no")
             scaled = loss / accumulation
             (scaler.scale(scaled) if scaler else scaled).backward()
         step_loss += float(loss.detach()) / accumulation
+    if parallel is not None:
+        from dynadiff.distributed import all_mean
+
+        (step_loss,) = all_mean([step_loss], parallel.world, parallel.device)
     if scaler:
         scaler.unscale_(opt)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
@@ -482,19 +559,30 @@ def optimizer_step(model, opt: torch.optim.Optimizer, params: list[torch.nn.Para
 
 
 @torch.no_grad()
-def validation_loss(model, data: TrainingSamples, cfg: TrainConfig, autocast_dtype, limit: int | None = None) -> float:
-    """Mean loss over the validation samples (eval mode; the same draws at every validation)."""
+def validation_loss(model, data: TrainingSamples, cfg: TrainConfig, autocast_dtype, limit: int | None = None,
+                    world=None) -> float:
+    """Mean loss over the validation samples (eval mode; the same draws at every validation).
+
+    ``world`` (data-parallel runs): process ``r`` computes batches ``r, r + W, ...`` of ``batch_size`` samples
+    and the sums are added over the processes: the value of one process, up to float rounding."""
     n = len(data) if limit is None else min(limit, len(data))
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
     was_training = model.training
     model.eval()
     total = 0.0
     try:
         for b, start in enumerate(range(0, n, cfg.batch_size)):
+            if b % size != rank:
+                continue
             batch = collate([data[i] for i in range(start, min(n, start + cfg.batch_size))])
             g = torch.Generator(model.device).manual_seed(step_seed(cfg.seed, b, 0, _VALIDATION))
             total += float(training_step_loss(model, batch, g, autocast_dtype)) * len(batch["brain"])
     finally:
         model.train(was_training)
+    if world is not None and world.distributed:
+        from dynadiff.distributed import all_sum
+
+        (total,) = all_sum([total], world, model.device)
     return total / max(n, 1)
 
 
@@ -583,11 +671,13 @@ def _read_last(last: Path) -> ResumeState:
         raise TrainingError(f"cannot resume from {last}: its {STATE_FILE} is incomplete ({e!r}); {advice}") from None
 
 
-def check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
+def check_output(cfg: TrainConfig, out: Path, world_size: int = 1) -> ResumeState | None:
     """The checkpoint to continue from (None: a run from step 0), after checking that ``cfg`` may continue it.
 
     ``steps`` may differ from the checkpoint's (a finished run trained longer, an unfinished one to another
     length): from the checkpoint's step on, the learning rate follows the schedule of ``cfg.steps``.
+    ``world_size`` (the processes that will train) must be the checkpoint's: the global batch and the split of
+    the samples over the processes depend on it.
     """
     last = complete_checkpoint_dir(out / "checkpoints" / "last")
     restarts = slurm_restarts()
@@ -610,6 +700,13 @@ def check_output(cfg: TrainConfig, out: Path) -> ResumeState | None:
                 else "does not exist")
         raise TrainingError(f"--resume: nothing to resume, {out} {what}; without --resume, a new run starts there")
     state = _read_last(last)
+    if state.world_size != world_size:
+        global_batch = cfg.batch_size * cfg.grad_accumulation
+        raise TrainingError(
+            f"cannot resume {last} with {world_size} process(es): it was trained by {state.world_size} (global batch "
+            f"{global_batch * state.world_size} = batch_size {cfg.batch_size} x {state.world_size} x grad_accumulation "
+            f"{cfg.grad_accumulation}); resume it with {state.world_size} (torchrun --nproc_per_node, or nodes x "
+            "tasks_per_node in the infra YAML), or start a new run (another --output)")
     mismatch = [k for k in config_differences(state.config, json.loads(cfg.model_dump_json())) if k != "steps"]
     if mismatch:
         raise TrainingError(
@@ -667,6 +764,7 @@ def eval_command(cfg: TrainConfig, checkpoint: str | Path) -> str:
 
 # Keys that may change between an interrupted run and its continuation without changing its results.
 RESUMABLE_CHANGES = ("device", "cpu_threads", "progress", "resume", "infra", "data.num_workers", "log_every",
+                     "dist_timeout_s", "shard_optimizer",
                      "sample_every", "n_sample_images", "checkpoint_every", "output_dir",
                      "data.nsd_dataset_config.nsddata_path", "data.nsd_dataset_config.infra",
                      "versatilediffusion_config.vd_cache_dir", "versatilediffusion_config.num_inference_steps",
@@ -690,26 +788,85 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or continue) the training described by ``cfg``; returns a summary dict."""
+    """Run (or continue) the training described by ``cfg``; returns a summary dict.
+
+    Under torchrun or as a SLURM job of several tasks, this process is one of a data-parallel run
+    (:mod:`dynadiff.distributed`): it starts the process group, trains its share of every global batch, and
+    only rank 0 writes the run folder."""
+    from dynadiff import distributed
+
+    world = distributed.detect_world()
+    if not world.distributed:
+        if cfg.shard_optimizer:
+            logger.warning("shard_optimizer=true has no effect in a single process")
+        return _train(cfg, world)
+    check_inputs(cfg)  # --output a file: the one-line error, before the rank's log goes there
+    log_file = _rank_log(cfg, world)
+    try:
+        return _train(cfg, world)
+    except BaseException as e:
+        logger.error("rank %d of %d failed: %s: %s (this rank's log: %s)", world.rank, world.size, type(e).__name__,
+                     str(e).splitlines()[0] if str(e) else "", log_file)
+        raise
+    finally:
+        distributed.destroy_process_group()
+        _drop_rank_log()
+
+
+_RANK_HANDLER: list[logging.Handler] = []
+
+
+def _rank_log(cfg: TrainConfig, world) -> Path:
+    """Each process of a data-parallel run also logs to ``output_dir/logs/rank<r>.log`` (appended); the
+    console keeps rank 0's messages and the others' warnings and errors."""
+    path = Path(cfg.output_dir) / "logs" / f"rank{world.rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{world.rank} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if not world.is_main:
+        for h in root.handlers:
+            if h is not handler and not isinstance(h, logging.FileHandler):
+                h.setLevel(max(h.level, logging.WARNING))
+    _RANK_HANDLER.append(handler)
+    return path
+
+
+def _drop_rank_log() -> None:
+    while _RANK_HANDLER:
+        handler = _RANK_HANDLER.pop()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: TrainConfig, world) -> dict:
     import yaml
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from dynadiff import distributed
+
     out = Path(cfg.output_dir)
+    main = world.is_main
     check_inputs(cfg)
-    resume = check_output(cfg, out)
-    device = resolve_device(cfg.device)
+    resume = check_output(cfg, out, world.size)
+    device = distributed.resolve_device(cfg.device, world)
     autocast_dtype = resolve_mixed_precision(cfg.mixed_precision, device)
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.distributed:
+        distributed.init_process_group(world, device, cfg.dist_timeout_s)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     data = build_training_data(cfg)
     if cfg.val_every and not len(data.val):
         raise TrainingError("the validation split is empty: raise data.val_fraction or set val_every=0")
     model = init_model(cfg, data, device)
     model.train()
-    opt, param_names = build_optimizer(model, cfg.optim)
+    shard = cfg.shard_optimizer and world.distributed
+    opt, param_names = build_optimizer(model, cfg.optim, shard=shard)
     sched = build_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     start, best_val, window_loss, window_n = 0, None, 0.0, 0
@@ -719,48 +876,70 @@ def train(cfg: TrainConfig) -> dict:
         # a checkpoint between two logged rows: the next row still averages every step since the last one
         window_loss, window_n = resume.log_window
         logger.info("resumed from %s at step %d", resume.folder, start)
-    _write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    log = CsvLog(out / "log.csv", start if resume is not None else None)
+    parallel = None
+    if world.distributed:
+        if cfg.brain_modules_config.norm == "batch":
+            logger.warning("brain_modules_config.norm=batch with %d processes: each normalises over its own %d "
+                           "samples and keeps its own running statistics (rank 0's are saved)", world.size,
+                           cfg.batch_size)
+        parallel = DataParallel(distributed.wrap_model(model, world, device), world, device)
+    log = None
+    if main:
+        _write_text(out / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+        log = CsvLog(out / "log.csv", start if resume is not None else None)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     logger.info("model: %d trainable parameters (brain module + LoRA), %d subject(s), %d voxels; device %s, autocast %s",
                 n_trainable, len(cfg.subjects), data.n_voxels, device, autocast_dtype)
+    samples_per_step = cfg.batch_size * world.size * cfg.grad_accumulation
+    logger.info("global batch: %d samples per optimizer step = batch_size %d x %d process(es) x grad_accumulation %d%s",
+                samples_per_step, cfg.batch_size, world.size, cfg.grad_accumulation,
+                " (optimizer state sharded over the processes)" if shard else "")
 
     stream = SampleStream(len(data.train), cfg.seed)
     loader = torch.utils.data.DataLoader(
-        data.train, batch_sampler=StepBatches(stream, cfg.batch_size, cfg.grad_accumulation, start, cfg.steps),
+        data.train, batch_sampler=StepBatches(stream, cfg.batch_size, cfg.grad_accumulation, start, cfg.steps,
+                                              world.rank, world.size),
         collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=False)
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
-    samples_per_step = cfg.batch_size * cfg.grad_accumulation
     window_t = time.perf_counter()
     t0 = time.perf_counter()
     last_val, last_loss = None, None
     ckpt_dir = out / "checkpoints"
 
     def checkpoint(step: int) -> None:
-        save_training_checkpoint(ckpt_dir / "last", model, opt, param_names, sched, scaler, cfg, step, best_val,
-                                 extra={"val_loss": last_val}, log_window=(window_loss, window_n))
+        if shard:  # a collective: the AdamW moments of every process to rank 0
+            opt.consolidate_state_dict(to=0)
+        if main:
+            save_training_checkpoint(ckpt_dir / "last", model, opt, param_names, sched, scaler, cfg, step, best_val,
+                                     extra={"val_loss": last_val}, log_window=(window_loss, window_n),
+                                     world_size=world.size)
 
     def validate(step: int) -> None:
         nonlocal best_val, last_val
-        last_val = validation_loss(model, data.val, cfg, autocast_dtype, cfg.val_max_samples)
-        log.write(step=step, split="val", loss=last_val, epoch=step * samples_per_step / len(data.train),
-                  time_s=time.perf_counter() - t0)
+        last_val = validation_loss(model, data.val, cfg, autocast_dtype, cfg.val_max_samples,
+                                   world if world.distributed else None)
         improved = best_val is None or last_val < best_val
-        logger.info("step %d: validation loss %.5f%s", step, last_val, " (best)" if improved else "")
         if improved:
             best_val = last_val
+        if not main:
+            return
+        log.write(step=step, split="val", loss=last_val, epoch=step * samples_per_step / len(data.train),
+                  time_s=time.perf_counter() - t0)
+        logger.info("step %d: validation loss %.5f%s", step, last_val, " (best)" if improved else "")
+        if improved:
             save_training_checkpoint(ckpt_dir / "best", model, opt, param_names, sched, scaler, cfg, step, best_val,
-                                     with_state=False, extra={"val_loss": last_val})
+                                     with_state=False, extra={"val_loss": last_val}, world_size=world.size)
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), desc="train", unit="step",
+               dynamic_ncols=True)
     with logging_redirect_tqdm(), bar:
         for step in range(start, cfg.steps):
             lr = sched.get_last_lr()[0]
             micro_batches = (next(batches) for _ in range(cfg.grad_accumulation))
             step_loss, grad_norm = optimizer_step(model, opt, params, micro_batches, cfg.grad_accumulation, step,
-                                                  cfg.seed, cfg.optim.grad_clip, autocast_dtype, scaler)
+                                                  cfg.seed, cfg.optim.grad_clip, autocast_dtype, scaler, parallel)
             sched.step()
             done = step + 1
             last_loss = step_loss
@@ -769,18 +948,20 @@ def train(cfg: TrainConfig) -> dict:
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.perf_counter()
                 rate = window_n * samples_per_step / max(now - window_t, 1e-9)
-                log.write(step=done, split="train", loss=window_loss / window_n, lr=lr, grad_norm=grad_norm,
-                          samples_per_s=rate, epoch=done * samples_per_step / len(data.train), time_s=now - t0)
+                if main:
+                    log.write(step=done, split="train", loss=window_loss / window_n, lr=lr, grad_norm=grad_norm,
+                              samples_per_s=rate, epoch=done * samples_per_step / len(data.train), time_s=now - t0)
                 bar.set_postfix(loss=f"{window_loss / window_n:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 window_loss, window_n, window_t = 0.0, 0, now
             bar.update(1)
             if len(data.val) and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps):
                 validate(done)
-            if cfg.sample_every and len(data.val) and (done % cfg.sample_every == 0 or done == cfg.steps):
+            if main and cfg.sample_every and len(data.val) and (done % cfg.sample_every == 0 or done == cfg.steps):
                 grid = sample_grid(model, data.val, cfg.n_sample_images, cfg.versatilediffusion_config.seed)
                 _save_png(grid, out / "samples" / f"step_{done:07d}.png")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint(done)
+    distributed.barrier(world)  # the last checkpoint is written before any process returns
 
     if start == cfg.steps and resume is not None:
         logger.info("the run at %s had already finished (%d steps)", out, cfg.steps)
@@ -797,6 +978,9 @@ def train(cfg: TrainConfig) -> dict:
         "n_val": len(data.val),
         "n_voxels": data.voxels_per_subject,
     }
+    if world.distributed:
+        summary["world_size"] = world.size
     summary["eval_command"] = eval_command(cfg, summary["best_checkpoint"] or summary["last_checkpoint"])
-    _write_text(out / "summary.json", json.dumps(summary, indent=1))
+    if main:
+        _write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -148,28 +148,40 @@ class DynadiffModel(nn.Module):
         return (frac * n).long().clamp(0, n - 1).to(self.device)
 
     def training_loss(self, brain: torch.Tensor, img: torch.Tensor, subject_idx: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, share: tuple[int, int] | None = None) -> torch.Tensor:
         """The loss of one training step (docs/behaviour.md §4), a float32 scalar.
 
         img: (B, 3, H, W) in [0, 1]. Latents = VAE sample of ``2 img - 1`` times the
         scaling factor; cubic timesteps; noise ``randn + noise_offset * randn(B, C, 1, 1)``;
         conditioning zeroed for a random ``cond_drop_prob`` of the samples; MSE between the
         epsilon prediction and the noise. Random draws come from ``generator`` if given.
+
+        ``share = (start, total)``: this batch is rows ``start .. start + B - 1`` of a global batch of
+        ``total`` samples (data-parallel training): every random tensor is drawn for the ``total`` rows and
+        these rows are kept, so the draws of a row do not depend on how the global batch is split. ``None``
+        (or ``(0, B)``): the batch is the whole of it.
         """
         self._check_images(img)
         b = img.shape[0]
         if brain.shape[0] != b:
             raise ValueError(f"brain has {brain.shape[0]} samples but img has {b}")
+        start, total = (0, b) if share is None else share
+        if not (0 <= start and start + b <= total):
+            raise ValueError(f"share {share}: rows {start}..{start + b - 1} are not within a batch of {total}")
+        rows = slice(start, start + b)
         gdev = _generator_device(generator, self.device)
         with torch.no_grad():
             posterior = self.vae.encode((2 * img - 1).to(self.device, self.dtype)).latent_dist
-            latents = posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
-        timesteps = self.sample_timesteps(b, generator)
-        noise = torch.randn(latents.shape, generator=generator, device=gdev).to(self.device)
-        offset = torch.randn(b, latents.shape[1], 1, 1, generator=generator, device=gdev).to(self.device)
+            # posterior.sample(generator), drawn for the global batch (diffusers' DiagonalGaussianDistribution)
+            eps = randn_tensor((total, *posterior.mean.shape[1:]), generator=generator,
+                               device=posterior.parameters.device, dtype=posterior.parameters.dtype)[rows]
+            latents = (posterior.mean + posterior.std * eps).float() * self.vae.config.scaling_factor
+        timesteps = self.sample_timesteps(total, generator)[rows]
+        noise = torch.randn((total, *latents.shape[1:]), generator=generator, device=gdev)[rows].to(self.device)
+        offset = torch.randn(total, latents.shape[1], 1, 1, generator=generator, device=gdev)[rows].to(self.device)
         noise = noise + self.config.noise_offset * offset
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        keep = torch.rand(b, generator=generator, device=gdev).to(self.device) >= self.config.cond_drop_prob
+        keep = torch.rand(total, generator=generator, device=gdev)[rows].to(self.device) >= self.config.cond_drop_prob
         tokens = self.encode_brain(brain, subject_idx) * keep[:, None, None].to(self.dtype)
         pred = self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=self.unet_context(tokens)).sample
         return F.mse_loss(pred.float(), noise)

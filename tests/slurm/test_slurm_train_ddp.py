@@ -1,0 +1,140 @@
+"""Data-parallel ``train.py --infra-yaml`` (``tasks_per_node: 2``) on the local SLURM cluster, gloo on the CPU.
+
+The 2-task job gives the weights of one process with twice the batch (to float tolerance); a job whose rank 1
+is killed after a checkpoint fails with a report naming that rank and its log, and ``--resume`` (a 2-task job
+again) ends with the uninterrupted job's weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from scripts import started
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 6
+INFRA_YAML = """\
+train:
+  cluster: slurm
+  cpus_per_task: 1
+  tasks_per_node: 2
+  timeout_min: 10
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(slurm_available, synthetic_nsd, tmp_path_factory):
+    from dynadiff.models.tiny import write_tiny_vd
+
+    nsd, _ = synthetic_nsd
+    root = tmp_path_factory.mktemp("slurm_ddp")
+    vd = write_tiny_vd(root / "vd", unet_block_out_channels=(8, 8, 16, 16), vae_block_out_channels=(8, 8, 8))
+    infra = root / "infra.yaml"
+    infra.write_text(INFRA_YAML)
+    overrides = [  # eps=1: AdamW's update about lr * m, so that runs equal up to rounding stay close
+        f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
+        "data.nsd_dataset_config.image_size=32", "versatilediffusion_config.image_size=32", "data.num_workers=0",
+        "progress=false", "cpu_threads=1", "brain_modules_config.hidden=16", "brain_modules_config.n_tokens=4",
+        "versatilediffusion_config.num_inference_steps=2", "optim.warmup_steps=2", "optim.lr=0.1", "optim.eps=1.0",
+        "log_every=1", "val_every=0", "sample_every=0", "checkpoint_every=2", "data.val_fraction=0.1",
+    ]
+    args = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--steps", str(STEPS), *overrides]
+    return {"root": root, "infra": infra, "args": args}
+
+
+def _cmd(setup, name: str, batch: int, *extra: str, infra: bool = True) -> list[str]:
+    root = setup["root"]
+    cmd = [sys.executable, str(REPO / "train.py"), *setup["args"], "--batch-size", str(batch),
+           "--output", str(root / name), "--cache", str(root / f"cache_{name}"), *extra]
+    return cmd + (["--infra-yaml", str(setup["infra"])] if infra else [])
+
+
+def _env(cluster=None) -> dict:
+    return dict(os.environ if cluster is None else cluster.env(), OMP_NUM_THREADS="1")
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return {f"{name}/{k}": v for name in ("model", "state")
+            for k, v in load_file(str(run / "checkpoints" / "last" / f"{name}.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def job_run(setup, slurm_cluster):
+    """The 2-task job; the one-process reference (batch 4, ``local``) runs meanwhile."""
+    with started(_cmd(setup, "local", 4, infra=False), _env()) as local:
+        proc = subprocess.run(_cmd(setup, "job", 2), env=_env(slurm_cluster), capture_output=True, text=True,
+                              timeout=300)
+        _, local_err = local.communicate(timeout=300)
+    assert local.returncode == 0, local_err[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    assert summary["steps"] == STEPS and summary["world_size"] == 2
+    return setup["root"] / "job"
+
+
+def test_two_task_job_equals_one_process_with_twice_the_batch(setup, job_run):
+    wa, wb = _weights(setup["root"] / "local"), _weights(job_run)
+    assert wa.keys() == wb.keys() and len(wa) > 50
+    for k in wa:
+        assert float((wa[k] - wb[k]).norm()) <= 1e-3 * float(wa[k].norm()) + 1e-7, k
+    logs = next((setup["root"] / "cache_job").glob("dynadiff.config.TrainConfig.run,1/logs/*/*[0-9]"))
+    assert sorted(p.name.split("_", 1)[1] for p in logs.glob("*_log.err")) == ["0_log.err", "1_log.err"]
+    assert "process group: rank 1 of 2" in (job_run / "logs" / "rank1.log").read_text()  # each rank's own log
+
+
+def test_killed_task_is_reported_by_rank_and_resume_continues_exactly(setup, job_run, slurm_cluster):
+    run = setup["root"] / "killed"
+    with started(_cmd(setup, "killed", 2), _env(slurm_cluster)) as proc:
+        checkpoint = run / "checkpoints" / "last" / "state.safetensors"
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.02)
+        os.kill(_task_pid(setup["root"] / "cache_killed", rank=1), signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err[-3000:]
+    assert "rank 1 stopped first" in err and "Traceback" not in err, err[-3000:]
+    line = next(i for i, text in enumerate(err.splitlines()) if "rank 1 (task 1): died without a result" in text)
+    log = Path(err.splitlines()[line + 1].split("logs:")[1].strip())
+    assert log.name.endswith("_1_log.err") and log.exists()
+    assert "(a collective failed: another rank had stopped)" in err  # rank 0's error, listed after
+    assert "add --resume" in err
+    from dynadiff.training import read_resume_state
+
+    assert 0 < read_resume_state(run / "checkpoints" / "last").step < STEPS
+
+    resumed = subprocess.run(_cmd(setup, "killed", 2, "--resume"), env=_env(slurm_cluster), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    wa, wb = _weights(run), _weights(job_run)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, different[:3]
+
+
+def _task_pid(cache: Path, rank: int) -> int:
+    """The process of task ``rank`` of the job whose submitit folder is under ``cache``."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                env = dict(item.split("=", 1) for item in (entry / "environ").read_bytes().decode(errors="replace")
+                           .split("\0") if "=" in item)
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if env.get("SLURM_PROCID") == str(rank) and "submitit" in cmdline and str(cache) in cmdline:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no process of task {rank} found")
