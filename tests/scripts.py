@@ -60,3 +60,24 @@ def run_eval(setup: dict, cache: Path, *extra: str, checkpoint: Path | None = No
 def generated(stderr: str) -> int:
     """Images an eval.py run generated, from its log (0 when it generated none)."""
     return sum(int(line.split("generating ")[1].split()[0]) for line in stderr.splitlines() if "generating " in line)
+
+
+# 32 px images (8x8 latents), 16 hidden units, 4 tokens: about 0.1 s a step
+TINY_TRAINING = ["data.nsd_dataset_config.sessions=[1,21]", "data.nsd_dataset_config.image_size=32",
+                 "versatilediffusion_config.image_size=32", "data.num_workers=0", "progress=false",
+                 "brain_modules_config.hidden=16", "brain_modules_config.n_tokens=4",
+                 "versatilediffusion_config.num_inference_steps=2", "optim.warmup_steps=2", "log_every=1",
+                 "val_every=0", "sample_every=0", "checkpoint_every=2", "data.val_fraction=0.1"]
+
+
+def tiny_training(nsd: Path, root: Path, infra_yaml: str, steps: int, *overrides: str) -> dict:
+    """A tiny VD in ``root``, the infra YAML, and the train.py arguments of a tiny run on the mini-NSD ``nsd``
+    (``TINY_TRAINING`` then ``overrides``): ``{"root", "infra", "args"}``."""
+    from dynadiff.models.tiny import write_tiny_vd
+
+    vd = write_tiny_vd(root / "vd", unet_block_out_channels=(8, 8, 16, 16), vae_block_out_channels=(8, 8, 8))
+    infra = root / "infra.yaml"
+    infra.write_text(infra_yaml)
+    args = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--steps", str(steps),
+            f"data.nsd_dataset_config.nsddata_path={nsd}", *TINY_TRAINING, *overrides]
+    return {"root": root, "infra": infra, "args": args}

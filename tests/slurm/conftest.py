@@ -57,4 +57,3 @@ def slurm_cluster(slurm_available, tmp_path_factory):
         cluster.stop()
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
-

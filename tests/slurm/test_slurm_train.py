@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scripts import started
+from scripts import started, tiny_training
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 120  # a few seconds: the cancelled job (killed 1 s after scancel) cannot finish first
@@ -33,23 +33,7 @@ train:
 
 @pytest.fixture(scope="module")
 def setup(slurm_available, synthetic_nsd, tmp_path_factory):
-    from dynadiff.models.tiny import write_tiny_vd
-
-    nsd, _ = synthetic_nsd
-    root = tmp_path_factory.mktemp("slurm_train")
-    vd = write_tiny_vd(root / "vd", unet_block_out_channels=(8, 8, 16, 16), vae_block_out_channels=(8, 8, 8))
-    infra = root / "infra.yaml"
-    infra.write_text(INFRA_YAML)
-    overrides = [  # 32 px images (8x8 latents), 16 hidden units, 4 tokens: about 0.1 s a step
-        f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
-        "data.nsd_dataset_config.image_size=32", "versatilediffusion_config.image_size=32", "data.num_workers=0",
-        "progress=false", "brain_modules_config.hidden=16", "brain_modules_config.n_tokens=4",
-        "versatilediffusion_config.num_inference_steps=2", "batch_size=4", "optim.warmup_steps=2", "optim.lr=1e-3",
-        "log_every=1", "val_every=0", "val_max_samples=8", "sample_every=0", "checkpoint_every=2",
-        "data.val_fraction=0.1",
-    ]
-    args = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--steps", str(STEPS), *overrides]
-    return {"root": root, "infra": infra, "args": args}
+    return tiny_training(synthetic_nsd[0], tmp_path_factory.mktemp("slurm_train"), INFRA_YAML, STEPS, "batch_size=4", "optim.lr=1e-3", "val_max_samples=8")
 
 
 def _train_cmd(setup, name: str, *extra: str, infra: bool = True) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scripts import started
+from scripts import started, tiny_training
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -33,22 +33,8 @@ train:
 
 @pytest.fixture(scope="module")
 def setup(slurm_available, synthetic_nsd, tmp_path_factory):
-    from dynadiff.models.tiny import write_tiny_vd
-
-    nsd, _ = synthetic_nsd
-    root = tmp_path_factory.mktemp("slurm_ddp")
-    vd = write_tiny_vd(root / "vd", unet_block_out_channels=(8, 8, 16, 16), vae_block_out_channels=(8, 8, 8))
-    infra = root / "infra.yaml"
-    infra.write_text(INFRA_YAML)
-    overrides = [  # eps=1: AdamW's update about lr * m, so that runs equal up to rounding stay close
-        f"data.nsd_dataset_config.nsddata_path={nsd}", "data.nsd_dataset_config.sessions=[1,21]",
-        "data.nsd_dataset_config.image_size=32", "versatilediffusion_config.image_size=32", "data.num_workers=0",
-        "progress=false", "cpu_threads=1", "brain_modules_config.hidden=16", "brain_modules_config.n_tokens=4",
-        "versatilediffusion_config.num_inference_steps=2", "optim.warmup_steps=2", "optim.lr=0.1", "optim.eps=1.0",
-        "log_every=1", "val_every=0", "sample_every=0", "checkpoint_every=2", "data.val_fraction=0.1",
-    ]
-    args = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--steps", str(STEPS), *overrides]
-    return {"root": root, "infra": infra, "args": args}
+    # eps=1: AdamW's update about lr * m, so that runs equal up to rounding stay close
+    return tiny_training(synthetic_nsd[0], tmp_path_factory.mktemp("slurm_ddp"), INFRA_YAML, STEPS, "cpu_threads=1", "optim.lr=0.1", "optim.eps=1.0")
 
 
 def _cmd(setup, name: str, batch: int, *extra: str, infra: bool = True) -> list[str]:
