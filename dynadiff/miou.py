@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from dynadiff.config import MiouConfig
-from dynadiff.segmenters.mask2former import FOLDER_NAME
+from dynadiff.segmenters.mask2former import default_weights_dir
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,10 @@ class Segmenter:
     def identity(self) -> str:
         """16 hex digits naming the segmentation cache: model, label count, command and the files it names (size
         and modification time of each path argument, a folder's files included): new weights, new cache."""
-        h = hashlib.sha1(json.dumps([self.model, self.n_classes, list(self.command)]).encode())
-        for arg in (*self.command, *self.weights):
-            path = Path(arg)
-            if arg and path.exists():
-                for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-                    st = f.stat()
-                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
-        return h.hexdigest()[:16]
+        from dynadiff.evaluation import checkpoint_digest  # names, sizes and times of a file or folder's files
+
+        files = {arg: checkpoint_digest(Path(arg)) for arg in (*self.command, *self.weights) if arg and Path(arg).exists()}
+        return hashlib.sha1(json.dumps([self.model, self.n_classes, list(self.command), files]).encode()).hexdigest()[:16]
 
     def full_command(self, in_dir: Path, out_dir: Path) -> list[str]:
         return [*self.command, *self.device_args, str(in_dir), str(out_dir)]
@@ -116,7 +112,7 @@ class Segmenter:
 
 def mask2former_weights(cfg: MiouConfig, weights_dir: Path) -> Path:
     """The mask2former folder: ``miou.weights``, else ``{weights_dir}/mask2former-swin-large-coco-panoptic``."""
-    return Path(cfg.weights).expanduser() if cfg.weights is not None else Path(weights_dir) / FOLDER_NAME
+    return Path(cfg.weights).expanduser() if cfg.weights is not None else default_weights_dir(weights_dir)
 
 
 def build_segmenter(cfg: MiouConfig, weights_dir: Path, device: str = "cpu") -> Segmenter:
