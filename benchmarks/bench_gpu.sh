@@ -10,6 +10,10 @@
 #   OUT=/some/folder benchmarks/bench_gpu.sh       # also writes bench_gpu.{md,json,log} and nvidia-smi.txt there
 #   benchmarks/bench_gpu.sh --tiny --device cpu    # the same script on tiny models: checks it on a CPU
 #
+# Live decoding (issue 15), unless BENCH_LIVE=0: after the sampler, benchmarks/bench_live.py --published: a
+# synthetic run replayed at the scanner's pace through the live path (watcher, causal preprocessing, decoder,
+# PNG), the published-size decoder in bf16 with 10 and 20 steps: end-to-end latency per trial (goal: < 1 TR).
+#
 # Training memory (issue 14), with BENCH_TRAIN=1: after the sampler, the published-size training step
 # (benchmarks/bench_train.py --published) under torchrun on every visible GPU, DDP without and with the
 # sharded optimizer (--shard-optimizer, ZeRO-1): per-GPU peak memory, AdamW state per GPU, samples/s.
@@ -56,6 +60,12 @@ if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
     if [ -n "${OUT:-}" ] && [ -f "$OUT/bench_gpu.md" ]; then
         cat "$OUT/bench_gpu.md"
     fi
+fi
+if [ "${BENCH_LIVE:-1}" = "1" ]; then
+    # live decoding at the published size (issue 15): a synthetic run replayed at the scanner's pace, bf16, batch 1
+    echo "command: $PY benchmarks/bench_live.py --published --device cuda latency" | tee -a "$LOG"
+    timeout -k 15 240 "$PY" benchmarks/bench_live.py --published --device cuda --volumes 60 latency \
+        ${OUT:+--json "$OUT/bench_live.json"} 2>&1 | tee -a "$LOG"
 fi
 if [ "${BENCH_TRAIN:-0}" = "1" ]; then
     NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")

@@ -1,0 +1,143 @@
+"""What a live session writes in its output folder, each file complete at every moment.
+
+- ``{name}.png``: the reconstruction of a trial (``name``: its number in onset order, 4 digits: ``0007``);
+- ``{name}_truth.png``: the image the subject saw, where known;
+- ``latency.csv``: one line per trial, appended and flushed as soon as its image is written;
+- ``trials.json``: the session's state (trials, recent messages, status), rewritten (atomically) at each change:
+  the page of :mod:`dynadiff.live.server` reads it.
+
+Reopening a folder (``live.py`` started again on it) keeps what is there: the trials it holds are not decoded again.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dynadiff.files import save_png, write_text
+
+STATE_FILE = "trials.json"
+LATENCY_FILE = "latency.csv"
+LATENCY_COLUMNS = ("trial", "nsd_id", "onset_volume", "last_volume", "volume_written", "volume_seen",
+                   "image_written", "latency_s")
+MAX_MESSAGES = 50
+
+
+def trial_name(trial: int) -> str:
+    return f"{int(trial):04d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    """One decoded trial. Times are Unix seconds: ``volume_written``, the modification time of the window's last
+    volume file (when its writer finished it); ``volume_seen``, when the watcher found it complete;
+    ``image_written``, when the reconstruction's PNG was in place."""
+
+    trial: int  # 0-based, in onset order
+    onset_volume: int
+    last_volume: int
+    nsd_id: int | None
+    volume_written: float
+    volume_seen: float
+    image_written: float
+
+    @property
+    def name(self) -> str:
+        return trial_name(self.trial)
+
+    @property
+    def latency_s(self) -> float:
+        """Last volume of the window written -> image written."""
+        return self.image_written - self.volume_written
+
+
+class LiveRecord:
+    """The output folder of a live session (thread-safe: the page's server reads while the loop writes)."""
+
+    def __init__(self, out: Path, tr: float) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tr = tr
+        self._lock = threading.Lock()
+        self.trials: dict[int, dict] = {}
+        self.messages: list[dict] = []
+        self.status = "waiting"
+        state = self.out / STATE_FILE
+        if state.is_file():
+            try:
+                previous = json.loads(state.read_text())
+                self.trials = {int(t["trial"]): t for t in previous.get("trials", [])
+                               if (self.out / t["image"]).is_file()}
+                self.messages = list(previous.get("messages", []))[-MAX_MESSAGES:]
+            except (ValueError, KeyError, TypeError):
+                pass  # a state file of another program: rewritten below
+        self._write_state()
+
+    def done(self, trial: int) -> bool:
+        """True when ``trial``'s reconstruction is already in the folder (from this session or an earlier one)."""
+        return trial in self.trials
+
+    def add(self, result: TrialResult, image: np.ndarray, truth: np.ndarray | None = None) -> TrialResult:
+        """Write a trial's PNGs, then its ``latency.csv`` line and the state; returns ``result`` with
+        ``image_written`` set to when the reconstruction's file was in place."""
+        if truth is not None:
+            save_png(truth, self.out / f"{result.name}_truth.png")
+        save_png(image, self.out / f"{result.name}.png")
+        result = dataclasses.replace(result, image_written=time.time())
+        with self._lock:
+            self._append_latency(result)
+            self.trials[result.trial] = {
+                "trial": result.trial, "name": result.name, "image": f"{result.name}.png",
+                "truth": f"{result.name}_truth.png" if truth is not None else None, "nsd_id": result.nsd_id,
+                "onset_volume": result.onset_volume, "last_volume": result.last_volume,
+                "volume_written": result.volume_written, "image_written": result.image_written,
+                "latency_s": round(result.latency_s, 4)}
+            self._write_state()
+        return result
+
+    def note(self, level: str, text: str) -> None:
+        """A message for the page (``info``, ``warning`` or ``error``): the last ones are kept in the state."""
+        with self._lock:
+            self.messages = (self.messages + [{"time": time.time(), "level": level, "text": text}])[-MAX_MESSAGES:]
+            self._write_state()
+
+    def set_status(self, status: str) -> None:
+        """``waiting`` (no volume yet), ``running`` or ``done``."""
+        with self._lock:
+            self.status = status
+            self._write_state()
+
+    def _append_latency(self, r: TrialResult) -> None:
+        path = self.out / LATENCY_FILE
+        new = not path.is_file() or path.stat().st_size == 0
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(LATENCY_COLUMNS)
+            w.writerow([r.trial, "" if r.nsd_id is None else r.nsd_id, r.onset_volume, r.last_volume,
+                        f"{r.volume_written:.6f}", f"{r.volume_seen:.6f}", f"{r.image_written:.6f}",
+                        f"{r.latency_s:.6f}"])
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write_state(self) -> None:
+        state = {"version": 1, "status": self.status, "updated": time.time(), "tr_s": self.tr,
+                 "trials": [self.trials[k] for k in sorted(self.trials)], "messages": self.messages}
+        write_text(self.out / STATE_FILE, json.dumps(state, indent=1))
+
+
+def read_latency(path: Path) -> list[dict]:
+    """The rows of a ``latency.csv`` (numbers as floats, ``nsd_id`` None where unknown)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        out.append({k: (None if v == "" else float(v)) for k, v in row.items()})
+    return out
