@@ -3,9 +3,11 @@
     .venv/bin/python scripts/screenshot_live_page.py FOLDER OUT.png [--example] [--width 1000] [--dark]
 
 --example first writes three example trials into FOLDER (a new folder): stimuli of the synthetic mini-NSD as
-ground truths, degraded copies of them as reconstructions, and two messages. The README's picture:
+ground truths, degraded copies of them as reconstructions, and two messages (to look at the page's layout
+without a decoder). The README's picture is a real session's: the demo's trained decoder on a replayed run
+(docs/live.md has the live.py command, here with --out /tmp/live_shot --speed 6 and session 21's run 5), then
 
-    .venv/bin/python scripts/screenshot_live_page.py /tmp/live_example docs/images/live_page.png --example
+    .venv/bin/python scripts/screenshot_live_page.py /tmp/live_shot docs/images/live_page.png --height 760
 
 Needs Debian's chromium and chromium-driver (scripts/install_browser.sh) and selenium (requirements-dev.txt).
 """
@@ -54,7 +56,7 @@ def write_example(folder: Path, n: int = 3, size: int = 256, tr: float = 1.6) ->
             record.note("warning", f"volume {onset + 5} arrived 0.8 s late (the scanner's export lagged)")
 
 
-def screenshot(folder: Path, out: Path, width: int = 1000, dark: bool = False) -> int:
+def screenshot(folder: Path, out: Path, width: int = 1000, dark: bool = False, height: int | None = None) -> int:
     """Open the page of ``folder``, wait for its images, write a PNG of the whole page; returns its size."""
     from PIL import Image
 
@@ -69,8 +71,8 @@ def screenshot(folder: Path, out: Path, width: int = 1000, dark: bool = False) -
                     raise TimeoutError(f"the page of {folder} showed no loaded image within 10 s")
                 time.sleep(0.05)
             driver.execute_script("document.querySelectorAll('.new').forEach((e) => e.classList.remove('new'))")
-            height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # the viewport: the whole page
+            height = height or driver.execute_script("return document.documentElement.scrollHeight")
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # the viewport: the whole page or its top
                                    {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
             time.sleep(0.2)  # layout and paint at the new size
             png = driver.get_screenshot_as_png()
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--example", action="store_true", help="first write three example trials into FOLDER (new)")
     p.add_argument("--width", type=int, default=1000, help="page width in CSS pixels (default 1000)")
     p.add_argument("--dark", action="store_true", help="the dark colour scheme")
+    p.add_argument("--height", type=int, help="only the top of the page, this many CSS pixels (default: all)")
     args = p.parse_args(argv)
     try:
         if args.example:
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
         elif not (args.folder / STATE_FILE).is_file():
             raise FileNotFoundError(f"{args.folder} holds no {STATE_FILE}: not a live session's folder "
                                     f"(--example writes one)")
-        size = screenshot(args.folder, args.out, width=args.width, dark=args.dark)
+        size = screenshot(args.folder, args.out, width=args.width, dark=args.dark, height=args.height)
     except (BrowserError, ServeError, FileExistsError, FileNotFoundError, TimeoutError) as e:
         print(f"screenshot_live_page: {e}", file=sys.stderr)
         return 1

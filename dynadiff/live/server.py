@@ -337,7 +337,7 @@ function trialRow(t) {
                                            el("dd", {textContent: v, className: cls || ""})); };
   add("NSD image", t.nsd_id === null || t.nsd_id === undefined ? "unknown" : String(t.nsd_id), "nsd-id");
   add("Latency", fmtSeconds(t.latency_s), "latency");
-  add("Volumes", t.onset_volume + "\\u2013" + t.last_volume);
+  add("Onset, last vol.", t.onset_volume + ", " + t.last_volume);
   if (t.image_written) add("Decoded at", fmtTime(t.image_written));
   const row = el("li", {className: "trial new", id: "trial-" + t.name}, [
     figure(t.image + v, "Reconstruction of " + number + " decoded from fMRI", "Reconstruction"), truth,
