@@ -22,9 +22,11 @@ does not work without an accounting database.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing as tp
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -311,30 +314,49 @@ class LocalSlurm:
         return any(pid_alive(pid, reap=True) for pid in self._started_pids().values())
 
     # -- failures ------------------------------------------------------------
-    def fail_node(self, timeout: float = 60.0) -> list[str]:
+    def fail_node(self, timeout: float = 60.0, abrupt: bool = False) -> list[str]:
         """Set the node DOWN, as when it fails: SLURM kills the jobs running on it and requeues them
         (PENDING until the node is back, then held back a few minutes). Returns the requeued jobs' ids
         once their processes have ended on the node and slurmd is done with them: a job started again
         before that is refused ("already running") and the node drained. Needs ``slurmd_debug="debug"``
-        (slurmd logs a job's end at that level only)."""
+        (slurmd logs a job's end at that level only).
+
+        SLURM ends the jobs as it ends cancelled ones: SIGCONT and SIGTERM, which a submitit job ignores,
+        then SIGKILL max(KillWait, 5) s later, so a job's code may run on after the failure, to its end if
+        it is short (its first attempt then completes, and submitit reads that result). ``abrupt``: the jobs'
+        processes stop (SIGSTOP) before the node goes down and are killed (SIGKILL) once slurmd has logged
+        the failure ("DUE TO NODE FAILURE", in the job's log too), as on a node that lost its power: their
+        code stops there."""
         if self.slurmd_debug != "debug":
             raise SlurmSetupError('fail_node needs LocalSlurm(slurmd_debug="debug")')
         log = self.log_dir / "slurmd.log"
         offset = log.stat().st_size if log.exists() else 0
         running = [j for j in self.jobs() if j["state"] == "RUNNING"]
         raw = self.raw_ids([j["id"] for j in running])
+        to_kill = {raw[j["id"]] for j in running} if abrupt else set()
+        _signal_all(job_processes(to_kill), signal.SIGSTOP)
         self._scontrol("update", f"NodeName={self.node}", "State=DOWN", "Reason=simulated-failure")
         deadline = time.monotonic() + timeout
+        terminated: dict[str, float] = {}  # job -> when slurmd began to end it
         while True:
             with open(log, "rb") as f:
                 f.seek(offset)
                 since = f.read().decode(errors="replace")
-            if all(f"JobId={raw[j['id']]}: sent epilog complete msg" in since for j in running):
+            now = time.monotonic()
+            for r in to_kill:
+                if re.search(rf"_rpc_terminate_job: .*JobId={r}$", since, re.MULTILINE):
+                    terminated.setdefault(r, now)
+            # the batch script's failure message, written while it is stopped (or, with no batch script left
+            # to write it, a second after slurmd began): then the processes die, those SLURM woke up too
+            failed = {r for r in terminated if f"*** JOB {r} ON " in since or now > terminated[r] + 1}
+            _signal_all(job_processes(failed), signal.SIGKILL)
+            to_kill -= failed
+            if not to_kill and all(f"JobId={raw[j['id']]}: sent epilog complete msg" in since for j in running):
                 return [j["id"] for j in running]
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise SlurmSetupError(f"jobs {[j['id'] for j in running]} did not end {timeout:.0f} s after the "
                                       f"node went down: see {log}")
-            time.sleep(0.1)
+            time.sleep(0.02 if to_kill else 0.1)
 
     def restore_node(self) -> None:
         """Bring the node back after :meth:`fail_node`, and start the requeued jobs at once instead of after
@@ -394,6 +416,33 @@ class LocalSlurm:
         pids = self._started_pids()
         lines = [f"{name}: pid {pid} {'running' if pid_alive(pid, reap=True) else 'not running'}" for name, pid in pids.items()]
         return "\n".join(lines) if lines else f"no local cluster started in {self.root}"
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def job_processes(raw_ids: tp.Collection[str]) -> list[int]:
+    """The processes of these jobs (their own ids, see :meth:`LocalSlurm.raw_ids`) on this machine: those whose
+    environment has their ``SLURM_JOB_ID`` (the batch script, srun, the tasks and what they started), not
+    SLURM's own ``slurmstepd``."""
+    if not raw_ids:
+        return []
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0")
+                           if b"=" in item)
+            name = (entry / "comm").read_text().strip()
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if environ.get(b"SLURM_JOB_ID", b"").decode(errors="replace") in raw_ids and name != "slurmstepd":
+            out.append(int(entry.name))
+    return out
 
 
 def pid_alive(pid: int, reap: bool = False) -> bool:

@@ -608,6 +608,15 @@ def init_model(cfg: TrainConfig, data: TrainingData, device: torch.device | str 
             n_timepoints=data.n_timepoints, device=device)
 
 
+def _finished_summary(out: Path, steps: int) -> dict | None:
+    """The ``summary.json`` a finished run of ``steps`` steps wrote in ``out``, if readable."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == steps else None
+
+
 def slurm_restarts() -> int:
     """How many times SLURM has requeued the job this process runs in (after a node failure, a preemption,
     ``scontrol requeue``): ``SLURM_RESTART_COUNT``, which SLURM sets in a restarted job; 0 elsewhere."""
@@ -965,6 +974,9 @@ def _train(cfg: TrainConfig, world) -> dict:
 
     if start == cfg.steps and resume is not None:
         logger.info("the run at %s had already finished (%d steps)", out, cfg.steps)
+        previous = _finished_summary(out, cfg.steps)
+        if previous is not None:  # e.g. a requeued job whose first attempt finished: its losses, not nulls
+            return previous
     summary = {
         "output_dir": str(out),
         "steps": cfg.steps,

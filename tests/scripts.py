@@ -81,3 +81,16 @@ def tiny_training(nsd: Path, root: Path, infra_yaml: str, steps: int, *overrides
     args = ["--subject", "1", "--vd_cache_dir", str(vd), "--device", "cpu", "--steps", str(steps),
             f"data.nsd_dataset_config.nsddata_path={nsd}", *TINY_TRAINING, *overrides]
     return {"root": root, "infra": infra, "args": args}
+
+
+def finished_training_jobs(cluster, before: set[str], timeout: float = 30) -> list[dict]:
+    """The training jobs of the local SLURM ``cluster`` submitted since ``before`` (job ids), once ended (a job
+    writes its results a moment before it ends)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = [j for j in cluster.jobs() if j["id"] not in before and j["name"].startswith("TrainConfig")]
+        if all(j["state"] not in ("PENDING", "RUNNING", "COMPLETING") for j in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scripts import started, tiny_training
+from scripts import finished_training_jobs, started, tiny_training
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 120  # a few seconds: the cancelled job (killed 1 s after scancel) cannot finish first
@@ -63,17 +63,6 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def _training_jobs(cluster, before: set[str], timeout: float = 30) -> list[dict]:
-    """The training jobs submitted since ``before``, once finished (the job's result is written a moment
-    before the job ends)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        jobs = [j for j in cluster.jobs() if j["id"] not in before and j["name"].startswith("TrainConfig")]
-        if all(j["state"] not in ("PENDING", "RUNNING", "COMPLETING") for j in jobs) or time.monotonic() > deadline:
-            return jobs
-        time.sleep(0.1)
-
-
 def _job_past_a_checkpoint(proc, run: Path, cluster, before: set[str]) -> dict:
     """The training job of ``proc`` (submitted since ``before``), once it has saved a checkpoint in ``run``."""
     checkpoint = run / "checkpoints" / "last" / "state.safetensors"
@@ -81,7 +70,7 @@ def _job_past_a_checkpoint(proc, run: Path, cluster, before: set[str]) -> dict:
     while not checkpoint.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.05)
-    (job,) = _training_jobs(cluster, before, timeout=0)
+    (job,) = finished_training_jobs(cluster, before, timeout=0)
     return job
 
 
@@ -101,7 +90,7 @@ def test_training_runs_as_one_slurm_job_with_the_local_run_weights(setup, local_
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _summary(proc.stdout)
     assert summary["steps"] == STEPS and summary["resumed_from"] is None
-    jobs = _training_jobs(slurm_cluster, before)
+    jobs = finished_training_jobs(slurm_cluster, before)
     assert len(jobs) == 1 and jobs[0]["state"] == "COMPLETED", jobs
     # exca logged that job in the --cache folder, where the training's own outputs are not
     logs = list((setup["root"] / "cache_cluster").glob(f"dynadiff.config.TrainConfig.run,1/logs/*/{jobs[0]['id']}"))
@@ -131,7 +120,7 @@ def test_cancelled_training_job_is_reported_and_resumes_exactly(setup, local_run
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = _summary(resumed.stdout)
     assert summary["steps"] == STEPS and summary["resumed_from"] is not None and summary["resumed_from"] >= stopped_at
-    assert sorted(j["state"] for j in _training_jobs(slurm_cluster, before)) == ["CANCELLED", "COMPLETED"]
+    assert sorted(j["state"] for j in finished_training_jobs(slurm_cluster, before)) == ["CANCELLED", "COMPLETED"]
     _assert_same_weights(run, local_run)
 
 
@@ -155,7 +144,7 @@ def test_training_job_requeued_after_a_node_failure_continues_from_its_checkpoin
     assert 0 < stopped_at < STEPS
     summary = _summary(out)
     assert summary["steps"] == STEPS and summary["resumed_from"] is not None and summary["resumed_from"] >= stopped_at
-    assert [j["state"] for j in _training_jobs(slurm_cluster, before)] == ["COMPLETED"]  # one job, run twice
+    assert [j["state"] for j in finished_training_jobs(slurm_cluster, before)] == ["COMPLETED"]  # one job, run twice
     log = next((setup["root"] / "cache_requeued").glob(f"dynadiff.config.TrainConfig.run,1/logs/*/{job['id']}"))
     text = (log / f"{job['id']}_0_log.err").read_text()
     assert "DUE TO NODE FAILURE" in text and "SLURM requeued this job (restart 1)" in text

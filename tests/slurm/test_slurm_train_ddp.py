@@ -2,7 +2,8 @@
 
 The 2-task job gives the weights of one process with twice the batch (to float tolerance); a job whose rank 1
 is killed after a checkpoint fails with a report naming that rank and its log, and ``--resume`` (a 2-task job
-again) ends with the uninterrupted job's weights, bit for bit.
+again) ends with the uninterrupted job's weights, bit for bit; so does a job that SLURM requeues after a node
+failure (its two tasks continue from the checkpoint by themselves).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scripts import started, tiny_training
+from scripts import finished_training_jobs, started, tiny_training
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -124,3 +125,44 @@ def _task_pid(cache: Path, rank: int) -> int:
                 return int(entry.name)
         time.sleep(0.1)
     raise AssertionError(f"no process of task {rank} found")
+
+
+def test_two_task_job_requeued_after_a_node_failure_continues_from_its_checkpoint(setup, job_run, slurm_cluster):
+    """The node fails after a checkpoint and its processes die at once (``abrupt``: SLURM's own SIGTERM, which
+    submitit ignores, would leave the tasks seconds to finish the 6 steps): SLURM requeues the job, whose two
+    tasks continue from the checkpoint (SLURM_RESTART_COUNT), and train.py, which waited, ends with the
+    uninterrupted job's weights, bit for bit."""
+    from dynadiff.training import complete_checkpoint_dir, read_resume_state
+
+    run, cache = setup["root"] / "requeued", setup["root"] / "cache_requeued"
+    before = {j["id"] for j in slurm_cluster.jobs()}
+    with started(_cmd(setup, "requeued", 2), _env(slurm_cluster)) as proc:
+        checkpoint = run / "checkpoints" / "last" / "state.safetensors"
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.02)
+        try:
+            requeued = slurm_cluster.fail_node(abrupt=True)
+        finally:
+            slurm_cluster.restore_node()
+        stopped_at = read_resume_state(complete_checkpoint_dir(run / "checkpoints" / "last")).step  # killed there
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert 0 < stopped_at < STEPS
+    summary = json.loads(out[: out.rindex("}") + 1])
+    assert summary["steps"] == STEPS and summary["world_size"] == 2 and summary["resumed_from"] == stopped_at
+    jobs = finished_training_jobs(slurm_cluster, before)
+    assert [j["state"] for j in jobs] == ["COMPLETED"] and requeued == [jobs[0]["id"]]  # one job, run twice
+    logs = next(cache.glob(f"dynadiff.config.TrainConfig.run,1/logs/*/{jobs[0]['id']}"))
+    assert "DUE TO NODE FAILURE" in (logs / f"{jobs[0]['id']}_0_log.err").read_text()
+    for rank in (0, 1):
+        task = logs / f"{jobs[0]['id']}_{rank}_log"
+        assert task.with_suffix(".out").read_text().count("Starting with JobEnvironment") == 2, rank
+        for text in (task.with_suffix(".err").read_text(), (run / "logs" / f"rank{rank}.log").read_text()):
+            assert "SLURM requeued this job (restart 1)" in text, (rank, text[-2000:])
+    wa, wb = _weights(run), _weights(job_run)
+    assert wa.keys() == wb.keys() and len(wa) > 50
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, different[:3]
+

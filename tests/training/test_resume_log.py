@@ -49,3 +49,17 @@ def test_resume_after_a_crash_between_checkpoints_logs_like_the_uninterrupted_ru
     assert [(int(r["step"]), r["split"]) for r in got] == layout  # each row once
     assert got == expected  # same losses, learning rates, gradient norms and epochs, written with the same digits
     assert resumed["best_val_loss"] == full["best_val_loss"]
+
+
+def test_resuming_a_finished_run_keeps_its_summary(make_train_config, tmp_path):
+    """``--resume`` on a finished run (or a requeued job whose first attempt finished meanwhile) trains nothing
+    and returns the finished run's summary, its losses included; summary.json is not rewritten with nulls."""
+    import json
+
+    out = tmp_path / "run"
+    full = train(make_train_config("steps=3", "checkpoint_every=3", "val_max_samples=4", out=out))
+    written = (out / "summary.json").read_text()
+    assert full["last_train_loss"] is not None and full["last_val_loss"] is not None
+    again = train(make_train_config("steps=3", "checkpoint_every=3", "val_max_samples=4", "resume=true", out=out))
+    assert again == json.loads(written) and again["last_train_loss"] == full["last_train_loss"]
+    assert (out / "summary.json").read_text() == written
