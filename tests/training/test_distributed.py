@@ -306,3 +306,21 @@ def test_shard_optimizer_and_timeout_may_change_on_resume(tmp_path):
 
     assert config_differences({"shard_optimizer": False, "dist_timeout_s": 60}, {"shard_optimizer": True,
                                                                               "dist_timeout_s": 600}) == []
+
+
+def test_torchrun_with_a_cluster_in_the_infra_is_refused(make_train_config, monkeypatch, tmp_path):
+    """Under torchrun (WORLD_SIZE 2) with a cluster job asked for: a one-line error before anything runs."""
+    from scripts import load_script
+
+    from dynadiff.training import TrainingError
+
+    train_script = load_script("train")
+    cfg = make_train_config("infra.cluster=slurm", f"infra.folder={tmp_path / 'jobs'}")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TrainingError, match=r"runs under torchrun \(2 processes\) but the infra asks for a cluster "
+                                            r"job \(infra.cluster=slurm\): use one or the other"):
+        train_script.check_before_run(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process (torchrun --nproc_per_node 1): the cluster job is fine
+    monkeypatch.setenv("RANK", "0")
+    train_script.check_before_run(cfg)
