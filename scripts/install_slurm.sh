@@ -5,28 +5,9 @@
 set -euo pipefail
 
 PACKAGES=(slurmctld slurmd slurm-client munge)
-
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$pkg")
-    fi
-done
-if [ ${#missing[@]} -eq 0 ]; then
-    echo "install_slurm: ${PACKAGES[*]} already installed"
-    exit 0
-fi
-
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_slurm: apt-get not found: install ${missing[*]} with your system's package manager" >&2
-    exit 1
-fi
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install_slurm: installing ${missing[*]} needs root (run: sudo $0)" >&2
-    exit 1
-fi
-
-echo "install_slurm: installing ${missing[*]}"
+# shellcheck source=apt_packages.sh
+source "$(dirname "$0")/apt_packages.sh"
+missing_packages install_slurm "${PACKAGES[@]}"
 export DEBIAN_FRONTEND=noninteractive
 # policy-rc.d stops the packages' maintainer scripts from starting daemons
 # (the tests start their own cluster, with their own configuration).

@@ -81,11 +81,7 @@ def test_two_task_job_equals_one_process_with_twice_the_batch(setup, job_run):
 def test_killed_task_is_reported_by_rank_and_resume_continues_exactly(setup, job_run, slurm_cluster):
     run = setup["root"] / "killed"
     with started(_cmd(setup, "killed", 2), _env(slurm_cluster)) as proc:
-        checkpoint = run / "checkpoints" / "last" / "state.safetensors"
-        deadline = time.monotonic() + 240
-        while not checkpoint.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.02)
+        _wait_for_checkpoint(proc, run)
         os.kill(_task_pid(setup["root"] / "cache_killed", rank=1), signal.SIGKILL)
         _, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err[-3000:]
@@ -137,11 +133,7 @@ def test_two_task_job_requeued_after_a_node_failure_continues_from_its_checkpoin
     run, cache = setup["root"] / "requeued", setup["root"] / "cache_requeued"
     before = {j["id"] for j in slurm_cluster.jobs()}
     with started(_cmd(setup, "requeued", 2), _env(slurm_cluster)) as proc:
-        checkpoint = run / "checkpoints" / "last" / "state.safetensors"
-        deadline = time.monotonic() + 240
-        while not checkpoint.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.02)
+        _wait_for_checkpoint(proc, run)
         try:
             requeued = slurm_cluster.fail_node(abrupt=True)
         finally:
@@ -166,3 +158,11 @@ def test_two_task_job_requeued_after_a_node_failure_continues_from_its_checkpoin
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, different[:3]
 
+
+def _wait_for_checkpoint(proc, run: Path) -> None:
+    """Until the job of ``proc`` has written its first checkpoint in ``run`` (it must not end first)."""
+    checkpoint = run / "checkpoints" / "last" / "state.safetensors"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.02)
