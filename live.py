@@ -213,7 +213,8 @@ def run_session(args: argparse.Namespace) -> dict:
     record = LiveRecord(args.out, args.tr)
     watcher = VolumeWatcher(watch, mask, first_number=args.first_number, incomplete_s=2 * args.tr)
     session = LiveSession(watcher, onsets, (start, stop), decoder, record, args.tr, truth=truth, prior=prior,
-                          n_volumes=n_volumes, timing=Timing(give_up_trs=args.give_up_trs))
+                          n_volumes=n_volumes, timing=Timing(give_up_trs=args.give_up_trs),
+                          source_failed=None if replay is None else lambda: replay.error and "the replay stopped")
     logger.info("live: window volumes t%+d .. t%+d, %d sampling steps, %d voxels; watching %s", start, stop - 1,
                 args.steps, int(mask.sum()), watch)
     if replay is not None:

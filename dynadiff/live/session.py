@@ -59,9 +59,11 @@ class LiveSession:
     def __init__(self, watcher: VolumeWatcher, onsets: list[Onset] | OnsetStream, window: tuple[int, int],
                  decode: tp.Callable[[np.ndarray], np.ndarray], record: LiveRecord, tr: float,
                  truth: tp.Callable[[int], np.ndarray | None] | None = None, prior: Prior | None = None,
-                 n_volumes: int | None = None, timing: Timing = Timing()) -> None:
+                 n_volumes: int | None = None, timing: Timing = Timing(),
+                 source_failed: tp.Callable[[], str | None] | None = None) -> None:
         self.watcher, self.window, self.decode, self.record, self.tr = watcher, window, decode, record, tr
         self.truth, self.prior, self.n_volumes, self.timing = truth, prior, n_volumes, timing
+        self.source_failed = source_failed  # what stopped the volumes' writer (a replay), else None
         self.stream = onsets if isinstance(onsets, OnsetStream) else None
         self.trials: list[Trial] = []
         if self.stream is None:
@@ -191,6 +193,10 @@ class LiveSession:
                         and self.stream is not None:
                     break  # the run is over: no onset can still get a window
                 if self._waited_too_long():
+                    break
+                failure = self.source_failed() if self.source_failed is not None else None
+                if failure:
+                    self._say("error", failure)
                     break
                 self._stop.wait(self.timing.poll_s)
         finally:

@@ -215,3 +215,29 @@ def test_bad_inputs_are_one_line_errors_before_any_work(eval_setup, tmp_path, ca
     caplog.clear()
     assert live.main(_args(eval_setup, out, "--replay", run, "--design", design)) == 1
     assert "was not written by a replay" in caplog.text and (foreign / "keep.txt").read_text() == "mine"
+
+
+def test_a_replay_that_fails_mid_run_ends_the_session_with_what_was_decoded_kept(eval_setup, tmp_path, monkeypatch,
+                                                                                 caplog):
+    from dynadiff.live import replay as live_replay
+
+    live = load_script("live")
+    root, out = eval_setup["nsd"], tmp_path / "live"
+    real = live_replay.volume_bytes
+
+    def full_disk(img, index, compressed):
+        if index == 40:
+            raise OSError(28, "No space left on device")
+        return real(img, index, compressed)
+
+    monkeypatch.setattr(live_replay, "volume_bytes", full_disk)
+    argv = _args(eval_setup, out, "--replay", str(RUN.timeseries_path(root)), "--design", str(RUN.design_path(root)),
+                 "--speed", "40")
+    assert live.main(argv) == 1  # no hang waiting for volumes that will never come
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("No space left on device" in e and "replay of" in e for e in errors), errors
+    _, onsets = run_trials(root, RUN, load_mask(root, 1))
+    decoded = [int(r["trial"]) for r in _latency(out)]
+    expected = [i for i, o in enumerate(onsets) if o.volume + 9 <= 40]  # windows complete before volume 40
+    assert decoded == expected and len(expected) >= 2
+    assert json.loads((out / "trials.json").read_text())["status"] == "done"
