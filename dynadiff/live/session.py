@@ -180,6 +180,7 @@ class LiveSession:
 
     def run(self) -> dict:
         self.record.set_status("running")
+        final_look = False
         try:
             while not self._stop.is_set():
                 self._ingest()
@@ -196,6 +197,9 @@ class LiveSession:
                     break
                 failure = self.source_failed() if self.source_failed is not None else None
                 if failure:
+                    if not final_look:  # the volumes written before the failure: one more look at the folder
+                        final_look = True
+                        continue
                     self._say("error", failure)
                     break
                 self._stop.wait(self.timing.poll_s)

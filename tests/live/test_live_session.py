@@ -173,7 +173,9 @@ def test_serve_shows_the_session_as_it_runs_and_ctrl_c_ends_the_page(eval_setup,
         assert len(set(counts)) > 2  # seen growing, trial by trial
         last = state["trials"][-1]["image"]
         assert urllib.request.urlopen(url + last, timeout=5).read() == (out / last).read_bytes()
-        proc.send_signal(signal.SIGINT)
+        while not (line := proc.stdout.readline()).startswith("The page stays at"):  # after the summary
+            assert line, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGINT)  # the page's end, as its line says
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err
