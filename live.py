@@ -20,7 +20,6 @@ they arrive. The checkpoint, Versatile Diffusion folder and config keys are eval
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import signal
@@ -28,19 +27,12 @@ import sys
 import threading
 from pathlib import Path
 
-from dynadiff.cli import ConfigError, apply_overrides, load_yaml, setup_logging, value_overrides
+from dynadiff.cli import ConfigError, apply_overrides, eval_script, load_yaml, setup_logging, value_overrides
 
 logger = logging.getLogger("dynadiff.live")
 DEFAULT_CONFIG = Path(__file__).parent / "config" / "config.yaml"
 FLAG_KEYS = {"subject": "data.nsd_dataset_config.subject", "vd_cache_dir": "versatilediffusion_config.vd_cache_dir",
              "checkpoint": "checkpoint", "device": "device", "nsddata_path": "data.nsd_dataset_config.nsddata_path"}
-
-
-def _eval_script():
-    spec = importlib.util.spec_from_file_location("dynadiff_eval_script", Path(__file__).with_name("eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,7 +101,7 @@ def resolve_config(args: argparse.Namespace):
         check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(str(e)) from e
-    evals = _eval_script()
+    evals = eval_script()
     extra = [f"checkpoint={json.dumps(str(checkpoint))}"]
     brain = checkpoint_brain_config(checkpoint)
     if brain is not None:
@@ -263,7 +255,8 @@ def _check_run(path: Path, mask, option: str) -> None:
     except Exception as e:  # noqa: BLE001 - nibabel raises several types
         raise LiveInputError(f"{option} {path} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
     if len(shape) != 4 or tuple(shape[:3]) != mask.shape:
-        raise LiveInputError(f"{option} {path} has shape {shape}: expected a 4-D run of volumes {mask.shape} (the mask's)")
+        raise LiveInputError(f"{option} {path} has shape {shape}: expected a 4-D run of volumes {mask.shape} "
+                             "(the mask's)")
 
 
 def _n_volumes(path: Path) -> int:

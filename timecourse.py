@@ -17,26 +17,17 @@ command again to continue an interrupted sweep.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import re
 import sys
 from pathlib import Path
 
-from dynadiff.cli import ConfigError, join_option_values, setup_logging
+from dynadiff.cli import ConfigError, eval_script, join_option_values, setup_logging
 
 logger = logging.getLogger("dynadiff.timecourse")
 
 
-def _eval_script():
-    """eval.py, beside this file: the same options, config precedence and checks."""
-    spec = importlib.util.spec_from_file_location("dynadiff_eval_script", Path(__file__).with_name("eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EVAL = _eval_script()
+EVAL = eval_script()  # eval.py, beside this file: the same options, config precedence and checks
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -83,15 +83,11 @@ def percentiles(latencies: list[float]) -> dict:
 
 
 def latency_demo(args, paths: dict) -> list[dict]:
-    import importlib.util
-
     from dynadiff.data import nsd
     from dynadiff.live.decoder import WindowDecoder
     from dynadiff.live.record import read_latency
 
-    spec = importlib.util.spec_from_file_location("live_script", REPO / "live.py")
-    live = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(live)
+    live = _live_script()
     session, run_no = (int(x) for x in args.run.split(","))
     run = nsd.Run(1, session, run_no)
     speed = args.speed or 4.0
@@ -105,7 +101,7 @@ def latency_demo(args, paths: dict) -> list[dict]:
                 sys.exit("bench_live: live.py failed")
             lat = [r["latency_s"] for r in read_latency(Path(tmp) / "live" / "latency.csv")]
             cfg = live.resolve_config(live.parse_args(argv))
-            dec = WindowDecoder(cfg, 0 + _n_voxels(paths), 6, steps=steps)
+            dec = WindowDecoder(cfg, _n_voxels(paths), 6, steps=steps)
             times = []
             for i in range(6):  # the decoder alone, on a random window
                 w = np.random.default_rng(i).standard_normal((dec.n_voxels, 6)).astype(np.float32)
@@ -117,6 +113,16 @@ def latency_demo(args, paths: dict) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _live_script():
+    """live.py as a module (its configuration and checks)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("live_script", REPO / "live.py")
+    live = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live)
+    return live
 
 
 def _n_voxels(paths: dict) -> int:
@@ -191,8 +197,6 @@ def latency_published(args) -> list[dict]:
 
 
 def quality(args, paths: dict) -> dict:
-    import importlib.util
-
     from PIL import Image
 
     from dynadiff.data import nsd
@@ -202,9 +206,7 @@ def quality(args, paths: dict) -> dict:
     from dynadiff.live.offline import PREPROCESSING, run_trials, trial_windows
     from dynadiff.metrics.pixel import pixcorr, pixel_identification
 
-    spec = importlib.util.spec_from_file_location("live_script", REPO / "live.py")
-    live = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(live)
+    live = _live_script()
     steps = args.steps[0]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = live.resolve_config(live.parse_args(live_args(paths, Path(tmp), steps) + ["--serve"]))

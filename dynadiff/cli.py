@@ -187,6 +187,18 @@ def value_overrides(args, keys: tp.Mapping[str, str]) -> list[str]:
     return [f"{key}={getattr(args, dest)}" for dest, key in keys.items() if getattr(args, dest) is not None]
 
 
+def eval_script():
+    """``eval.py`` (at the repository's root) as a module: timecourse.py and live.py share its options, config
+    precedence and checks."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("dynadiff_eval_script", Path(__file__).parents[1] / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -16,8 +16,6 @@ class WindowDecoder:
     any other batch of one: each image has its own random stream, seeded by the config's seed)."""
 
     def __init__(self, cfg, n_voxels: int, n_trs: int, steps: int | None = None) -> None:
-        import torch
-
         from dynadiff.evaluation import build_decoder, checkpoint_layout, reconstruction_config
 
         rec = reconstruction_config(cfg)
@@ -28,16 +26,16 @@ class WindowDecoder:
         self.seed = cfg.versatilediffusion_config.seed
         self.steps = steps
         self.to_uint8 = cfg.to_uint8
-        self._torch = torch
 
     @property
     def image_size(self) -> int:
         return self.model.config.image_size
 
     def __call__(self, window: np.ndarray) -> np.ndarray:
+        import torch
+
         from dynadiff.evaluation import to_uint8
 
-        torch = self._torch
         if window.shape != (self.n_voxels, self.n_trs):
             raise ValueError(f"expected a ({self.n_voxels}, {self.n_trs}) window, got {window.shape}")
         brain = torch.from_numpy(np.pad(window, ((0, self.width - self.n_voxels), (0, 0)))[None]).to(self.device)

@@ -89,7 +89,8 @@ class LiveSession:
                 trial.state, trial.why = "decoded", "already in the output folder"
             self.trials.append(trial)
             if trial.state == "skipped":
-                self._say("warning", f"trial {trial_name(trial.index)} (onset volume {onset.volume}) skipped: {trial.why}")
+                self._say("warning", f"trial {trial_name(trial.index)} (onset volume {onset.volume}) skipped: "
+                          f"{trial.why}")
 
     def _say(self, level: str, text: str) -> None:
         getattr(logger, level)("%s", text)
@@ -97,7 +98,7 @@ class LiveSession:
 
     def _ingest(self) -> None:
         for v in self.watcher.poll():
-            if v.data is None and "still incomplete" in v.problem:
+            if v.incomplete:
                 self._say("warning", f"volume {v.index} ({v.path.name}) is {v.problem}")
                 continue
             if v.index in self.missing:

@@ -42,6 +42,7 @@ class Volume:
     written: float  # the file's modification time (Unix seconds): when its writer finished it
     seen: float  # when it was found complete
     problem: str = ""
+    incomplete: bool = False  # a file still being written (said once; it is still waited for)
 
 
 class Incomplete(Exception):
@@ -123,7 +124,8 @@ class VolumeWatcher:
                 if not said and now - first > self.incomplete_s:
                     said = True
                     out.append(Volume(index, path, None, st.st_mtime, now,
-                                      f"still incomplete after {now - first:.1f} s ({e}): waiting for its writer"))
+                                      f"still incomplete after {now - first:.1f} s ({e}): waiting for its writer",
+                                      incomplete=True))
                 self._pending[name] = (first, st.st_size, said)
                 continue
             except FileNotFoundError:  # renamed or deleted meanwhile

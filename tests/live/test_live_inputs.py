@@ -137,6 +137,7 @@ def test_volume_problems_are_reported_not_raised(tmp_path):
     assert "has shape (4, 4, 2), the mask (4, 4, 3)" in got[0].problem and got[0].data is None
     assert "cannot be read" in got[1].problem
     assert "still incomplete" in got[2].problem and "400 of its 544 bytes" in got[2].problem  # 352 + 48 float32 voxels
+    assert got[2].incomplete and not got[0].incomplete and not got[1].incomplete  # waited for, the others left out
     assert watcher.poll() == []  # said once
     (tmp_path / "vol_0002.nii").write_bytes(_nifti_bytes(np.ones((4, 4, 3), np.float32)))
     (vol,) = watcher.poll()  # still waited for: read once complete
