@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace):
     """eval.py's configuration, its checkpoint's brain module and window applied, the inputs checked."""
-    from dynadiff.cli import check_device_available
+    from dynadiff.device import check_device_available
     from dynadiff.config import EvalConfig
     from dynadiff.evaluation import (EvaluationError, check_checkpoint, checkpoint_brain_config, checkpoint_window,
                                      default_checkpoint)

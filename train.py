@@ -124,7 +124,7 @@ def build_config(args: argparse.Namespace):
 
 def check_before_run(cfg) -> None:
     """What can be checked here before a (possibly cluster) run: paths, --resume, the device (locally only)."""
-    from dynadiff.cli import check_device_available
+    from dynadiff.device import check_device_available
     from dynadiff.training import check_inputs, check_output
 
     from dynadiff.distributed import detect_world

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import typing as tp
 from pathlib import Path
@@ -135,32 +134,6 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-
-
-def check_device_name(name: str) -> str:
-    """``name`` if it is a device this tool can run on (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), else
-    a ValueError saying what is allowed. Syntax only: whether CUDA is present is checked before the run."""
-    if not DEVICE_PATTERN.fullmatch(name):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N (N: a GPU index) or mps")
-    return name
-
-
-def check_device_available(name: str) -> None:
-    """:class:`ConfigError` when ``name`` asks for an accelerator this machine does not have (imports torch)."""
-    import torch
-
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu (or auto)")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s) "
-                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' asked for, but Apple's MPS backend is not available here: use --device cpu")
 
 
 def join_option_values(argv: tp.Sequence[str], options: tp.Collection[str],

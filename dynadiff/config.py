@@ -14,7 +14,8 @@ import exca
 import numpy as np
 import pydantic
 
-from dynadiff.cli import check_device_name, setup_job_logging
+from dynadiff.cli import setup_job_logging
+from dynadiff.device import check_device_name
 from dynadiff.data import nsd
 from dynadiff.data.nsd import SUBJECTS
 

@@ -351,7 +351,8 @@ def preflight(cfg: EvalConfig) -> Checked:
     The digest is for ``EvalConfig.checkpoint_digest``: a checkpoint rewritten in
     place is then a different run (never stale results).
     """
-    from dynadiff.cli import ConfigError, check_device_available
+    from dynadiff.cli import ConfigError
+    from dynadiff.device import check_device_available
     from dynadiff.data.nsd import NsdDataError
     from dynadiff.metrics.suite import available_metrics
     from dynadiff.metrics.weights import MissingWeightsError

@@ -43,12 +43,8 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from dynadiff.cli import (
-    ConfigError,
-    check_device_available,
-    check_device_name,
-    setup_logging,
-)
+from dynadiff.cli import ConfigError, setup_logging
+from dynadiff.device import check_device_name, resolve_device
 from dynadiff.metrics.config import MetricsWeightsConfig
 
 if tp.TYPE_CHECKING:
@@ -275,17 +271,6 @@ def _batches(sizes: dict[Path, tuple[int, int]], batch_size: int) -> list[list[P
     for path, size in sizes.items():
         groups.setdefault(size, []).append(path)
     return [paths[i : i + batch_size] for paths in groups.values() for i in range(0, len(paths), batch_size)]
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` where CUDA is available, else ``cpu``; a device this machine lacks is a
-    :class:`ConfigError` (imports torch)."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    check_device_available(name)
-    return name
 
 
 @contextlib.contextmanager
