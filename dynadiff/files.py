@@ -1,10 +1,12 @@
-"""Atomic file writes (a crash never leaves a half-written file under its final name) and an exclusive lock."""
+"""Atomic file and folder writes (a crash never leaves a half-written file or folder under its final name) and an
+exclusive lock."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import shutil
 import typing as tp
 from pathlib import Path
 
@@ -30,6 +32,41 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_dir_atomically(target: Path, write: tp.Callable[[Path], None]) -> None:
+    """``write(tmp_folder)``, then swap it in as ``target`` (``target.old`` kept until the swap is done).
+
+    A crash while writing leaves ``target`` as it was; a crash between the two renames of the swap leaves the
+    previous folder complete as ``target.old`` (``dynadiff.training.complete_checkpoint_dir`` finds it)."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def stamp_digest(path: Path) -> str:
+    """16 hex digits naming a file or folder's state: each file's relative name, size and modification time
+    (a rewritten file changes it; its contents are not read)."""
+    import hashlib
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
 
 
 def point_link(link: Path, target: Path, taken: str) -> Path | None:
