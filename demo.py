@@ -1,65 +1,12 @@
 """The demo: train and evaluate a tiny Dynadiff on a synthetic mini-NSD, on a CPU, in minutes.
 
-    python demo.py [--output demo_output] [--fast] [--generalization]
-
-No data and no weights needed. It writes a synthetic mini-NSD (real file
-formats; BOLD from a known encoding model of each image's colour layout),
-pre-trains a tiny Versatile Diffusion stand-in on other synthetic images,
-trains the decoder with the training loop of train.py, then runs the
-evaluation of eval.py on the held-out test images, before and after training.
-Prints the metrics and the path of overview.png (ground truths above
-reconstructions), then the trained decoder's time course. --generalization:
-then one decoder per offset (1-TR windows) and the temporal generalisation
-matrix (about 10 more minutes). --fast: a seconds-long smoke run
-(meaningless numbers).
+The command lives in dynadiff/commands/demo.py (installed as `dynadiff-demo`); `python demo.py --help` lists its
+options.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-from dynadiff.cli import setup_logging
-
-logger = logging.getLogger("dynadiff.demo")
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", type=Path, default=Path("demo_output"),
-                   help="work folder (default ./demo_output; rewritten at each run)")
-    p.add_argument("--fast", action="store_true", help="tiny sizes and a few steps: checks the pipeline only")
-    p.add_argument("--generalization", action="store_true",
-                   help="also train one decoder per offset (1-TR windows) and test each at every offset (~10 min)")
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args(argv)
-    setup_logging(args.verbose)
-    logging.getLogger("exca").setLevel(logging.ERROR)
-    from dynadiff.demo import FAST, DemoSettings, comparison_table, generalization_lines, run_demo, timecourse_lines
-
-    try:
-        report = run_demo(args.output, FAST if args.fast else DemoSettings(), generalization=args.generalization)
-    except FileExistsError as e:
-        logger.error("%s", e)
-        return 1
-    except KeyboardInterrupt:
-        logger.error("interrupted: %s is incomplete; run the same command again (the demo starts over in it)",
-                     args.output)
-        return 130
-    print()
-    print(comparison_table(report))
-    times = report["times_s"]
-    print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print(f"Training run (log.csv, samples/, checkpoints/): {report['train_summary']['output_dir']}")
-    print(f"Overview (ground truth above reconstruction): {report['overview']}")
-    print(timecourse_lines(report))
-    if "generalization" in report:
-        print(generalization_lines(report))
-    print(f"Re-evaluate the trained decoder (e.g. with other --metrics or KEY=VALUE settings):\n  {report['eval_command']}")
-    return 0
-
+from dynadiff.commands.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -117,11 +117,8 @@ def latency_demo(args, paths: dict) -> list[dict]:
 
 def _live_script():
     """live.py as a module (its configuration and checks)."""
-    import importlib.util
+    from dynadiff.commands import live
 
-    spec = importlib.util.spec_from_file_location("live_script", REPO / "live.py")
-    live = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(live)
     return live
 
 
@@ -139,7 +136,7 @@ def latency_published(args) -> list[dict]:
     from dynadiff.data.dataset import load_mask
     from dynadiff.data.preprocess import TR
     from dynadiff.data.synthetic import write_synthetic_nsd
-    from dynadiff.evaluation import to_uint8
+    from dynadiff.decoder import to_uint8
     from dynadiff.live.record import LiveRecord
     from dynadiff.live.replay import Replay, prepare_folder
     from dynadiff.live.session import LiveSession

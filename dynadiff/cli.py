@@ -56,22 +56,14 @@ def parse_value(text: str) -> tp.Any:
         return text
 
 
-def set_dotted(tree: dict, key: str, value: tp.Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {} if child is None else _as_dict(child)
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
+def set_dotted(tree: dict, key: str, value: tp.Any) -> dict:
+    """A copy of ``tree`` with ``key`` (dotted) set to ``value``, through exca's ``ConfDict`` (a mapping value is
+    merged into the mapping there; any other value replaces what is there)."""
+    from exca import ConfDict
 
-
-def _as_dict(value: tp.Any) -> dict:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump(exclude_unset=True)
-    raise ConfigError(f"cannot set a sub-key of a non-mapping value {value!r}")
+    conf = ConfDict(tree)
+    conf[key] = value
+    return conf
 
 
 M = tp.TypeVar("M", bound=pydantic.BaseModel)
@@ -79,15 +71,23 @@ M = tp.TypeVar("M", bound=pydantic.BaseModel)
 
 def apply_overrides(model: type[M], base: dict, overrides: tp.Sequence[str]) -> M:
     """Validate ``base`` (nested dict) with ``KEY=VALUE`` overrides applied, as ``model``."""
-    tree = dict(base)
+    return validate(model, override_tree(model, base, overrides))
+
+
+def override_tree(model: type[pydantic.BaseModel], base: dict, overrides: tp.Sequence[str]) -> dict:
+    """A copy of ``base`` (nested dict) with ``KEY=VALUE`` overrides applied, each key checked against ``model``:
+    the tree to validate (or to complete with typed values first)."""
+    from exca import ConfDict
+
+    tree = ConfDict(base)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"expected KEY=VALUE, got {item!r}")
         key, text = item.split("=", 1)
         key = key.strip()
         check_key(model, key)
-        set_dotted(tree, key, parse_value(text))
-    return validate(model, tree)
+        tree = set_dotted(tree, key, parse_value(text))
+    return tree
 
 
 def validate(model: type[M], tree: dict) -> M:
@@ -158,18 +158,6 @@ def value_overrides(args, keys: tp.Mapping[str, str]) -> list[str]:
     """``KEY=VALUE`` for each command-line option that was given: ``keys`` maps argparse destinations to config
     keys (options left out are ``None``)."""
     return [f"{key}={getattr(args, dest)}" for dest, key in keys.items() if getattr(args, dest) is not None]
-
-
-def eval_script():
-    """``eval.py`` (at the repository's root) as a module: timecourse.py and live.py share its options, config
-    precedence and checks."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("dynadiff_eval_script", Path(__file__).parents[1] / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -22,7 +22,6 @@ the untrained decoder's and pixel two-way identification above chance (0.5).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -37,7 +36,6 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER = ".dynadiff-demo"  # a work folder the demo may clear
 
 
@@ -211,13 +209,17 @@ def _pretrain_tiny_vd(folder: Path, s: DemoSettings) -> Path:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def _load_script(name: str):
-    """``train.py`` / ``eval.py`` of this repository as modules (their configuration code is the real one)."""
-    path = REPO_ROOT / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"dynadiff_{name}_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _command(name: str):
+    """The command module of ``train.py``, ``eval.py`` or ``timecourse.py`` (their configuration code is the real
+    one)."""
+    import importlib
+
+    return importlib.import_module(f"dynadiff.commands.{name}")
+
+
+def command_line(name: str, argv: list[str]) -> str:
+    """The shell command that runs ``name`` with ``argv``, from any folder (this Python's module of it)."""
+    return shlex.join([sys.executable, "-m", f"dynadiff.commands.{name}", *argv])
 
 
 def _prepare_workdir(workdir: Path) -> Path:
@@ -274,7 +276,7 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     common = [f"data.nsd_dataset_config.nsddata_path={nsd_root}", f"data.nsd_dataset_config.sessions=[{sessions}]",
               f"data.nsd_dataset_config.image_size={s.image_size}", f"versatilediffusion_config.image_size={s.image_size}",
               f"brain_modules_config.n_tokens={s.n_tokens}"]
-    train_script = _load_script("train")
+    train_script = _command("train")
     train_argv = ["--subject", str(s.subject), "--output", str(workdir / "train"), "--cache", str(workdir / "cache"),
                   "--vd_cache_dir", str(vd_dir), "--device", "cpu", *common, "data.num_workers=0",
                   f"cpu_threads={s.threads}", f"progress={str(progress).lower()}", *s.train_overrides]
@@ -288,7 +290,7 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     summary = train_cfg.run()
     times["decoder training"] = time.perf_counter() - t
 
-    eval_script = _load_script("eval")
+    eval_script = _command("eval")
     results, commands = {}, {}
     t = time.perf_counter()
     for label, ckpt in (("untrained", untrained), ("trained", Path(summary["best_checkpoint"] or summary["last_checkpoint"]))):
@@ -302,12 +304,12 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
         out = Path(result["output_dir"])
         result["pixel_identification"] = pixel_identification_from_folder(out, result["n_images"], result["identification"])
         results[label] = result
-        commands[label] = shlex.join([sys.executable, str(REPO_ROOT / "eval.py"), *argv])
+        commands[label] = command_line("eval", argv)
     times["evaluation"] = time.perf_counter() - t
 
     # The trained decoder's time course: its window slid over time (timecourse.py, same options as eval.py)
     t = time.perf_counter()
-    tc_script = _load_script("timecourse")
+    tc_script = _command("timecourse")
     tc_argv = ["--subject", str(s.subject), "--cache", str(workdir / "timecourse"), "--checkpoint",
                str(Path(summary["best_checkpoint"] or summary["last_checkpoint"])), "--vd_cache_dir", str(vd_dir),
                "--device", "cpu", "--batch-size", str(s.generation_batch), "--metrics", "pixcorr,ssim",
@@ -331,7 +333,7 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
               "timecourse": {k: timecourse[k] for k in ("offsets", "n_images", "peak_offset", "model_offset",
                                                         "output_dir")},
               "timecourse_pixcorr": {r["offset"]: r["metrics"]["pixcorr"]["mean"] for r in timecourse["rows"]},
-              "timecourse_command": shlex.join([sys.executable, str(REPO_ROOT / "timecourse.py"), *tc_argv])}
+              "timecourse_command": command_line("timecourse", tc_argv)}
     if matrix is not None:
         report["generalization"] = matrix
     (workdir / "demo_results.json").write_text(json.dumps(report, indent=1, default=str))
@@ -345,7 +347,7 @@ def run_generalization(workdir: Path, s: DemoSettings, vd_dir: Path, train_argv:
     ``--checkpoints ... --generalization``: each decoder at every offset. Returns where the PixCorr matrix peaks."""
     from dynadiff.timecourse import parse_offsets, run_timecourse
 
-    train_script = _load_script("train")
+    train_script = _command("train")
     checkpoints = []
     for k in parse_offsets(s.generalization_offsets):
         out = workdir / "per_offset" / f"offset{k:+d}"
@@ -355,7 +357,7 @@ def run_generalization(workdir: Path, s: DemoSettings, vd_dir: Path, train_argv:
         logger.info("decoder of offset %+d (1-TR window)", k)
         summary = cfg.run()
         checkpoints.append(str(Path(summary["best_checkpoint"] or summary["last_checkpoint"])))
-    tc_script = _load_script("timecourse")
+    tc_script = _command("timecourse")
     tc_argv = ["--subject", str(s.subject), "--cache", str(workdir / "generalization"), "--checkpoints", *checkpoints,
                "--generalization", "--vd_cache_dir", str(vd_dir), "--device", "cpu", "--batch-size",
                str(s.generation_batch), "--metrics", "pixcorr,ssim", "--averaged-trial", "--limit", str(s.sweep_images),
@@ -367,7 +369,7 @@ def run_generalization(workdir: Path, s: DemoSettings, vd_dir: Path, train_argv:
     j, k = np.unravel_index(np.nanargmax(means), means.shape)
     return {"offsets": g["train_offsets"], "pixcorr": means.tolist(), "best_train_offset": g["train_offsets"][j],
             "best_test_offset": g["test_offsets"][k], "output_dir": summary["output_dir"],
-            "command": shlex.join([sys.executable, str(REPO_ROOT / "timecourse.py"), *tc_argv])}
+            "command": command_line("timecourse", tc_argv)}
 
 
 def generalization_lines(report: dict) -> str:

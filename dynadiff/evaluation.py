@@ -23,8 +23,6 @@ the latest run's folder.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
 import json
 import logging
 import re
@@ -34,9 +32,17 @@ from pathlib import Path
 import numpy as np
 
 if tp.TYPE_CHECKING:
-    import torch
+    from dynadiff.config import SweepGenerationConfig
 
 from dynadiff.config import EvalConfig, ReconstructionConfig
+from dynadiff.decoder import (
+    CheckpointInfo,
+    Decoder,
+    DecoderError,
+    checkpoint_candidates,
+    checkpoint_digest,
+    default_checkpoint,
+)
 from dynadiff.files import save_png as _save_png
 from dynadiff.files import write_text as _write_text
 
@@ -45,242 +51,42 @@ logger = logging.getLogger(__name__)
 GT_SIZE = 512  # ground truths are saved and measured at 512x512 (docs/behaviour.md §2, §5)
 
 
-class EvaluationError(RuntimeError):
-    """The evaluation cannot run as configured (missing or mismatched inputs)."""
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluationError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
-    return name
-
-
-CHECKPOINTS_DIR = Path("checkpoints")
-
-
-def checkpoint_candidates(subject: int, root: Path = CHECKPOINTS_DIR) -> list[Path]:
-    """Where a subject's published checkpoint may be: ``subjXX`` (the original's README) or ``subXX`` (the
-    folder its code reads)."""
-    return [Path(root) / f"subj{subject:02d}", Path(root) / f"sub{subject:02d}"]
-
-
-def default_checkpoint(subject: int, root: Path = CHECKPOINTS_DIR) -> Path:
-    """The first of :func:`checkpoint_candidates` that exists (logged when it is ``subXX``); the first if none."""
-    candidates = checkpoint_candidates(subject, root)
-    for path in candidates:
-        if path.exists():
-            if path != candidates[0]:
-                logger.info("checkpoint of subject %d: %s (no %s)", subject, path, candidates[0])
-            return path
-    return candidates[0]
+# The evaluation cannot run as configured (missing or mismatched inputs): one error type with the decoder's.
+EvaluationError = DecoderError
 
 
 RUN_FILE = "run.json"  # in a run's output folder: which run wrote it
 _OUTPUT_PNG = re.compile(r"\d+(_gt)?\.png")
 
 
-def checkpoint_digest(path: Path) -> str:
-    """Digest of a checkpoint file or folder: relative names, sizes and modification times."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    h = hashlib.sha1()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
+def resolve_device(name: str) -> str:
+    """``auto`` -> what this machine has; a device it lacks is an :class:`EvaluationError`."""
+    from dynadiff.device import resolve_device as resolve
 
-
-def check_checkpoint(path: Path, subject: int) -> Path:
-    """The checkpoint file or DeepSpeed folder that ``path`` names (a folder holding one ``model.safetensors``:
-    that file), readable and trained on ``subject``; :class:`EvaluationError` saying what is wrong otherwise."""
-    from dynadiff.checkpoint import CheckpointError, resolve_checkpoint
-
-    path = Path(path)
-    if not path.exists():
-        raise EvaluationError(
-            f"checkpoint {path} not found: put the published subj{subject:02d} folder there (see "
-            "checkpoints/README.md), or pass --checkpoint PATH (a train.py output or a converted .safetensors)"
-        )
     try:
-        resolved = resolve_checkpoint(path)
-    except CheckpointError as e:
-        raise EvaluationError(f"--checkpoint: {e}") from None
-    checkpoint_layout(resolved, subject)
-    return resolved
-
-
-def checkpoint_brain_config(path: Path) -> dict | None:
-    """The ``brain_modules_config`` a ``train.py`` checkpoint records in its metadata (None for a checkpoint
-    without it, e.g. the published DeepSpeed folders, which use the published configuration)."""
-    from dynadiff.checkpoint import read_metadata
-    from dynadiff.models.config import FmriMLPConfig
-
-    path = Path(path)
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return None
-    text = read_metadata(path).get("brain_modules_config")
-    if text is None:
-        return None
-    try:
-        return FmriMLPConfig.model_validate_json(text).model_dump(mode="json")
-    except ValueError as e:  # written by another version: say so, use the configuration given
-        logger.warning("checkpoint %s: its brain_modules_config metadata is not readable by this version (%s); "
-                       "using the configuration given", path, str(e).splitlines()[0])
-        return None
-
-
-def checkpoint_window(path: Path) -> dict | None:
-    """``{"offset": s, "duration": s}``: the window a ``train.py`` checkpoint was trained on (its metadata's training
-    config); None for a checkpoint without it (the published ones: offset 4.6 s, duration 8 s)."""
-    from dynadiff.checkpoint import read_metadata
-
-    path = Path(path)
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return None
-    try:
-        data = json.loads(read_metadata(path).get("train_config", "null"))["data"]["nsd_dataset_config"]
-        return {"offset": float(data["offset"]), "duration": float(data["duration"])}
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
-def checkpoint_layout(path: Path, subject: int, n_voxels: int | None = None) -> tuple[int | None, int, int]:
-    """(input width of the brain module, number of subject layers, this subject's layer) of a checkpoint.
-
-    A train.py checkpoint names, in its metadata, the subjects it was trained on (in
-    layer order) and its input width: with several subjects, windows are zero-padded to
-    the largest voxel count. Any other checkpoint (the published ones) has one layer, for
-    its own subject, and the subject's own width ``n_voxels``. Without ``n_voxels``, only
-    the subject is checked.
-    """
-    from dynadiff.checkpoint import read_metadata
-
-    path = Path(path)
-    meta, subjects = {}, None
-    if path.is_file() and path.suffix == ".safetensors":
-        try:
-            meta = read_metadata(path)
-            subjects = json.loads(meta.get("subjects", "null"))
-        except (OSError, ValueError):  # not readable as a safetensors checkpoint: the loader says why
-            pass
-    if not isinstance(subjects, list):
-        return n_voxels, 1, 0
-    subjects = [int(s) for s in subjects]
-    if subject not in subjects:
-        raise EvaluationError(
-            f"checkpoint {path} was trained on subject(s) {subjects}, not on subject {subject}: evaluate one of "
-            f"those (--subject), or pass the checkpoint of subject {subject}"
-        )
-    if len(subjects) == 1 or n_voxels is None:
-        return n_voxels, len(subjects), subjects.index(subject)
-    width = int(meta["n_voxels"])
-    if n_voxels > width:
-        raise EvaluationError(f"this subject has {n_voxels} nsdgeneral voxels, more than the {width} inputs of "
-                              f"checkpoint {path}: is the data the one it was trained on?")
-    return width, len(subjects), subjects.index(subject)
-
-
-def build_decoder(cfg: ReconstructionConfig, n_voxels: int, n_subjects: int = 1, n_timepoints: int = 6):
-    """The model with the checkpoint's weights, on its device, in eval mode; a clear error on mismatch.
-
-    ``n_timepoints``: the TRs of the windows it reads (the data's; a checkpoint trained on other windows does not
-    fit, and the error says so)."""
-    from dynadiff.checkpoint import CheckpointError, load_checkpoint
-
-    device = resolve_device(cfg.device)
-    model = cfg.versatilediffusion_config.build(cfg.brain_modules_config, n_voxels=n_voxels, n_subjects=n_subjects,
-                                                n_timepoints=n_timepoints, device=device)
-    try:
-        load_checkpoint(model, cfg.checkpoint, allow_missing=cfg.allow_missing_keys)
-    except CheckpointError as e:
-        raise EvaluationError(f"{mismatch_cause(e, n_voxels, cfg.data.subject, n_timepoints)}\n{e}") from e
-    except (OSError, ValueError) as e:  # contents the up-front checks could not see (e.g. a damaged shard)
-        raise EvaluationError(f"checkpoint {cfg.checkpoint} cannot be read: {e}") from e
-    model.eval()
-    return model, device
-
-
-def mismatch_cause(error: Exception, n_voxels: int, subject: int, n_timepoints: int | None = None) -> str:
-    """What a checkpoint that does not fit the model most likely is, from the shapes in the loader's error.
-
-    Only the voxel axis differing (the subject layer's input size): the checkpoint of another subject (or of
-    other data). LoRA tensors only: another lora_rank. Otherwise: another brain module configuration.
-    """
-    differing = []  # (tensor name, checkpoint's size, model's size) of each differing axis
-    for name, theirs, ours in re.findall(r"(\S+): file \(([\d, ]*)\) vs model \(([\d, ]*)\)", str(error)):
-        a, b = [[int(x) for x in dims.split(",") if x.strip()] for dims in (theirs, ours)]
-        if len(a) != len(b):
-            differing.append((name, None, None))
-        differing += [(name, x, y) for x, y in zip(a, b) if x != y]
-    if not differing:
-        return "the checkpoint does not fit this model"
-    if all(ours == n_voxels and theirs is not None for _, theirs, ours in differing):
-        return (f"the checkpoint expects {differing[0][1]} voxels per window, and subject {subject} has {n_voxels} "
-                "nsdgeneral voxels in this data: is it the checkpoint of another subject?")
-    if n_timepoints is not None and all(re.search(r"(^|\.)(lin0|in_time_agg|out_time_agg)\.", name)
-                                        for name, _, _ in differing):
-        return (f"the checkpoint was trained on windows of another number of TRs than these {n_timepoints}: set "
-                "data.nsd_dataset_config.offset and duration to the ones it was trained with")
-    if all(".lora_" in name for name, _, _ in differing):
-        return "the checkpoint's LoRA sizes differ from this model's: check versatilediffusion_config.lora_rank"
-    return ("the checkpoint's brain module has other sizes than brain_modules_config (hidden, n_tokens, "
-            "token_dim, n_blocks...): set them to the checkpoint's")
-
-
-def reconstruct_in_batches(model, windows: tp.Iterable[np.ndarray], batch_size: int, seed: int,
-                           device: str, subject_idx: int = 0) -> tp.Iterator[torch.Tensor]:
-    """(3, S, S) float images in [0, 1] of the fMRI windows, in order, sampled in batches of exactly ``batch_size``.
-
-    A short last batch is padded by repeating its last window, and the padding's images
-    are dropped. Float rounding in the sampler depends on the batch size (about 1e-6,
-    which can flip an 8-bit pixel), but not on the other rows of a batch: with a fixed
-    size, an image does not depend on how the windows were split into jobs or batches.
-    """
-    import torch
-
-    windows = iter(windows)  # read lazily: a job's windows need not all be in memory
-    while batch := list(itertools.islice(windows, batch_size)):
-        n = len(batch)
-        batch += [batch[-1]] * (batch_size - n)
-        brain = torch.from_numpy(np.stack(batch)).to(device)
-        subjects = torch.full((batch_size,), subject_idx, dtype=torch.long, device=device)
-        with torch.no_grad():
-            images = model.reconstruct(brain, subjects, seed=seed)
-        yield from images[:n]
+        return resolve(name)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def generate_images(cfg: ReconstructionConfig, indices: tp.Sequence[int]) -> tp.Iterator[np.ndarray]:
-    """(H, W, 3) uint8 reconstructions of the given test indices, in order (see :func:`reconstruct_in_batches`)."""
+    """(H, W, 3) uint8 reconstructions of the given test indices, in order (see :class:`dynadiff.Decoder`)."""
     indices = list(indices)
     if not indices:
         return
     ds = cfg.data.build()
-    width, n_subjects, subject_idx = checkpoint_layout(cfg.checkpoint, cfg.data.subject, ds.n_voxels)
-    model, device = build_decoder(cfg, width, n_subjects, ds.n_trs)
-    logger.info("generating %d image(s) on %s", len(indices), device)
-    windows = (np.pad(ds.brain(i), ((0, width - ds.n_voxels), (0, 0))) for i in indices)  # zeros: as in training
-    seed = cfg.versatilediffusion_config.seed
-    for img in reconstruct_in_batches(model, windows, cfg.batch_size, seed, device, subject_idx):
-        yield to_uint8(img, cfg.to_uint8)
+    decoder = decoder_of(cfg, ds.n_voxels, ds.n_trs)
+    logger.info("generating %d image(s) on %s", len(indices), decoder.device)
+    yield from decoder.images((ds.brain(i) for i in indices), cfg.data.subject)
 
 
-def to_uint8(image: torch.Tensor, mode: str = "truncate") -> np.ndarray:
-    """(3, H, W) float image -> (H, W, 3) uint8, clamped to [0, 1] first.
-
-    ``truncate`` (the original's ``(x * 255).astype(uint8)``, faithful: the published numbers were measured
-    on such images) or ``round`` (the nearest level: on average half a level brighter, every metric moves a
-    little).
-    """
-    x = image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255
-    if mode == "round":
-        x = x.round()
-    elif mode != "truncate":
-        raise ValueError(f"to_uint8 is 'truncate' or 'round', got {mode!r}")
-    return x.astype(np.uint8)  # float -> uint8 drops the fraction: truncation
+def decoder_of(cfg: "ReconstructionConfig | SweepGenerationConfig", n_voxels: int, n_timepoints: int,
+               batch_size: int | None = None) -> Decoder:
+    """The :class:`~dynadiff.Decoder` of a generation config (its checkpoint, model configuration and device)."""
+    return Decoder.from_checkpoint(
+        cfg.checkpoint, device=cfg.device, subject=cfg.data.subject, n_voxels=n_voxels, n_timepoints=n_timepoints,
+        brain_config=cfg.brain_modules_config, vd_config=cfg.versatilediffusion_config,
+        allow_missing_keys=cfg.allow_missing_keys, batch_size=batch_size or cfg.batch_size, to_uint8=cfg.to_uint8)
 
 
 def metrics_table(result: dict) -> str:
@@ -336,12 +142,9 @@ def overview_grid(gts: list[np.ndarray], recs: list[np.ndarray], n: int, tile: i
 
 @dataclasses.dataclass(frozen=True)
 class Checked:
-    """What :func:`preflight` found: the checkpoint to read, its digest, and the brain module configuration
-    its metadata records (None: none recorded)."""
+    """What :func:`preflight` found: the checkpoint (what it records, read once) and the data files' digest."""
 
-    checkpoint: Path
-    digest: str
-    brain_config: dict | None
+    checkpoint: CheckpointInfo
     data_digest: str
 
 
@@ -351,8 +154,6 @@ def preflight(cfg: EvalConfig) -> Checked:
     The digest is for ``EvalConfig.checkpoint_digest``: a checkpoint rewritten in
     place is then a different run (never stale results).
     """
-    from dynadiff.cli import ConfigError
-    from dynadiff.device import check_device_available
     from dynadiff.data.nsd import NsdDataError
     from dynadiff.metrics.suite import available_metrics
     from dynadiff.metrics.weights import MissingWeightsError
@@ -362,17 +163,15 @@ def preflight(cfg: EvalConfig) -> Checked:
     if nsd_cfg.split != "test":
         raise EvaluationError(f"evaluation runs on the test split, got data.nsd_dataset_config.split={nsd_cfg.split!r}")
     if cfg.infra.cluster is None and cfg.image_generation.cluster is None:  # else: the nodes' devices count
-        try:
-            check_device_available(cfg.device)
-        except ConfigError as e:
-            raise EvaluationError(str(e)) from None
+        resolve_device(cfg.device)
     if cfg.checkpoint is None and not default_checkpoint(nsd_cfg.subject).exists():
         names = " nor ".join(str(p) for p in checkpoint_candidates(nsd_cfg.subject))
         raise EvaluationError(
             f"no checkpoint of subject {nsd_cfg.subject}: neither {names} exists. Fetch the published one with "
             f"`python prepare_weights.py --only checkpoints --subjects {nsd_cfg.subject}` (see checkpoints/README.md), "
             "or pass --checkpoint PATH (a train.py output or a converted .safetensors)")
-    checkpoint = check_checkpoint(cfg.checkpoint or default_checkpoint(nsd_cfg.subject), nsd_cfg.subject)
+    checkpoint = CheckpointInfo.read(cfg.checkpoint or default_checkpoint(nsd_cfg.subject))
+    checkpoint.layout(nsd_cfg.subject)
     try:
         check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -394,7 +193,7 @@ def preflight(cfg: EvalConfig) -> Checked:
             check_segmenter(miou_segmenter(cfg))
         except SegmentationError as e:
             raise EvaluationError(str(e)) from None
-    return Checked(checkpoint, checkpoint_digest(checkpoint), checkpoint_brain_config(checkpoint), data)
+    return Checked(checkpoint, data)
 
 
 def miou_segmenter(cfg: EvalConfig):
@@ -429,7 +228,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     nsd_cfg = cfg.data.nsd_dataset_config
     if nsd_cfg.split != "test":
         raise EvaluationError(f"evaluation runs on the test split, got data.nsd_dataset_config.split={nsd_cfg.split!r}")
-    checkpoint = check_checkpoint(cfg.checkpoint or default_checkpoint(nsd_cfg.subject), nsd_cfg.subject)
+    info = CheckpointInfo.read(cfg.checkpoint or default_checkpoint(nsd_cfg.subject))
+    info.layout(nsd_cfg.subject)
+    checkpoint = info.path
     check_vd_folder(cfg.versatilediffusion_config.vd_cache_dir)
     jobs_before = jobs.snapshot(nsd_cfg.infra)
     try:

@@ -112,10 +112,10 @@ class ModelWindow:
 def model_window(checkpoint: Path, nsd_cfg: "NsdDatasetConfig") -> ModelWindow:
     """A train.py checkpoint's window, from the training config in its metadata; other checkpoints (the published
     ones): the config's ``offset``/``duration`` (published: 4.6 s, 8 s -> volumes t+3 .. t+8)."""
-    from dynadiff.evaluation import checkpoint_window
+    from dynadiff.decoder import CheckpointInfo
 
     offset, duration, source = nsd_cfg.offset, nsd_cfg.duration, "the data config (offset, duration)"
-    recorded = checkpoint_window(checkpoint)
+    recorded = CheckpointInfo.read(checkpoint).window
     if recorded is not None:
         offset, duration, source = recorded["offset"], recorded["duration"], f"checkpoint {checkpoint}"
     start, end = window_bounds(0, offset, duration)
@@ -202,24 +202,15 @@ def item_name(offset: int, index: int) -> str:
 
 def generate_sweep_images(cfg: "SweepGenerationConfig", items: tp.Sequence[str]) -> tp.Iterator[np.ndarray]:
     """(H, W, 3) uint8 reconstructions of ``"{offset}:{index}"`` items, in order (as eval.py generates its images)."""
-    from dynadiff.evaluation import (
-        build_decoder,
-        checkpoint_layout,
-        reconstruct_in_batches,
-        to_uint8,
-    )
+    from dynadiff.evaluation import decoder_of
 
     pairs = [tuple(int(x) for x in str(item).split(":")) for item in items]
     if not pairs:
         return
     data = SweepData(cfg.data)
-    width, n_subjects, subject_idx = checkpoint_layout(cfg.checkpoint, cfg.data.subject, data.n_voxels)
-    model, device = build_decoder(cfg, width, n_subjects, cfg.n_trs)
-    logger.info("generating %d image(s) of the time course on %s", len(pairs), device)
-    windows = (np.pad(data.window(i, k, cfg.n_trs), ((0, width - data.n_voxels), (0, 0))) for k, i in pairs)
-    seed = cfg.versatilediffusion_config.seed
-    for img in reconstruct_in_batches(model, windows, cfg.batch_size, seed, device, subject_idx):
-        yield to_uint8(img, cfg.to_uint8)
+    decoder = decoder_of(cfg, data.n_voxels, cfg.n_trs)
+    logger.info("generating %d image(s) of the time course on %s", len(pairs), decoder.device)
+    yield from decoder.images((data.window(i, k, cfg.n_trs) for k, i in pairs), cfg.data.subject)
 
 
 def generation_config(cfg: "EvalConfig", checkpoint: Path, n_trs: int) -> "SweepGenerationConfig":
@@ -264,7 +255,7 @@ def peak(rows: list[dict], metric: str, higher_is_better: bool) -> int | None:
 
 
 @dataclasses.dataclass
-class Decoder:
+class SweepModel:
     """A checkpoint with its resolved eval.py configuration and the window it was trained on."""
 
     cfg: "EvalConfig"
@@ -278,13 +269,13 @@ def output_dir(cfg: "EvalConfig", rid: str) -> Path:
     return Path(cfg.infra.folder or "./cache") / f"timecourse_subj{nsd_cfg.subject:02d}_{mode}_{rid}"
 
 
-def check_decoders(decoders: tp.Sequence[Decoder]) -> None:
+def check_decoders(decoders: tp.Sequence[SweepModel]) -> None:
     """Per-offset models: one per offset, each with the offset its checkpoint records (never guessed)."""
-    from dynadiff.evaluation import checkpoint_window
+    from dynadiff.decoder import CheckpointInfo
 
     seen: dict[int, Path] = {}
     for d in decoders:
-        if checkpoint_window(d.checkpoint) is None:
+        if CheckpointInfo.read(d.checkpoint).window is None:
             raise TimecourseError(f"checkpoint {d.checkpoint} does not record the window it was trained on (only "
                                   "train.py checkpoints do): --checkpoints needs them; slide one model with "
                                   "--checkpoint and --offsets instead")
@@ -294,7 +285,7 @@ def check_decoders(decoders: tp.Sequence[Decoder]) -> None:
         seen[d.window.offset] = d.checkpoint
 
 
-def run_timecourse(decoders: tp.Sequence[Decoder], offsets: tp.Sequence[int] | None = None,
+def run_timecourse(decoders: tp.Sequence[SweepModel], offsets: tp.Sequence[int] | None = None,
                    asked_seconds: dict[int, float] | None = None, generalization: bool = False) -> dict:
     """Decode and measure; write the outputs; return the summary (what ``timecourse.json`` holds).
 

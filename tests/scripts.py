@@ -8,7 +8,7 @@ load_script`` works from every test folder.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import subprocess
 import sys
 import types
@@ -19,13 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str) -> types.ModuleType:
-    """``{REPO}/{name}.py``, freshly executed as the module ``{name}_script`` (in ``sys.modules``, which the
-    scripts' dataclasses need)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The command behind ``{REPO}/{name}.py``: the module ``dynadiff.commands.{name}`` (the root script only calls
+    its ``main``)."""
+    return importlib.import_module(f"dynadiff.commands.{name}")
 
 
 @contextlib.contextmanager

@@ -173,7 +173,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, caplog):
 def test_to_uint8_truncates_by_default_and_rounds_on_request():
     import torch
 
-    from dynadiff.evaluation import to_uint8
+    from dynadiff.decoder import to_uint8
 
     values = [0.0, 0.5, 0.999, 1.0, 1.2, -0.1, 0.5 / 255, 0.7 / 255, 254.6 / 255]
     image = torch.tensor(values).reshape(1, 1, -1).expand(3, 1, -1)  # (3, 1, W)

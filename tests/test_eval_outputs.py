@@ -78,11 +78,11 @@ def _assert_one_run(folder: Path, means: dict, checkpoint: Path, n: int) -> None
 def test_a_digest_that_reads_as_a_number_stays_a_string(eval_cli, eval_setup, tmp_path, monkeypatch, digest):
     """Hex digests made of digits (a demo run met "1119165644017420") are passed as quoted overrides, never read as
     numbers (an int, a float or 1) that the config refuses or silently changes."""
-    from dynadiff import evaluation
+    from dynadiff import decoder
     from dynadiff.data import dataset
 
     monkeypatch.setattr(dataset, "data_digest", lambda cfg: digest)
-    monkeypatch.setattr(evaluation, "checkpoint_digest", lambda path: digest)
+    monkeypatch.setattr(decoder, "checkpoint_digest", lambda path: digest)
     args = [*eval_setup["base"], "--cache", str(tmp_path / "cache"), "--checkpoint", str(eval_setup["ckpt"])]
     cfg = eval_cli.resolve_config(eval_cli.parse_args(args))
     assert cfg.data_digest == digest and cfg.checkpoint_digest == digest

@@ -199,7 +199,7 @@ def test_full_fetch_puts_every_file_where_eval_and_the_metrics_read_it(site, mon
     assert written - manifests == set(site.expected)
     assert len(manifests) == 5
     # where eval.py, train.py and the metric code look
-    from dynadiff.evaluation import default_checkpoint
+    from dynadiff.decoder import default_checkpoint
     from dynadiff.metrics import weights as W
     from dynadiff.metrics.config import MetricsWeightsConfig
 

@@ -286,12 +286,13 @@ def test_fixed_size_batches_make_images_independent_of_the_split(tiny_model):
     """eval.py's batching at size 4: [0..3] + [4, 5, pad, pad] gives, bit for bit, what [0, 1, 2, pad] +
     [3, 4, 5, pad] gives (one local run against two cluster jobs), and drops the padding. (Unpadded, batches
     of 4 and of 3 differ here by about 2e-6.)"""
-    from dynadiff.evaluation import reconstruct_in_batches
+    from dynadiff.decoder import Decoder
 
+    decoder = Decoder(tiny_model, device="cpu", batch_size=4)
     g = torch.Generator().manual_seed(6)
     windows = [torch.randn(23, 6, generator=g).numpy() for _ in range(6)]  # the tiny model's 23 voxels, 6 TRs
-    whole = torch.stack(list(reconstruct_in_batches(tiny_model, windows, 4, 0, "cpu")))
-    halves = [img for part in (windows[:3], windows[3:]) for img in reconstruct_in_batches(tiny_model, part, 4, 0, "cpu")]
+    whole = torch.stack(list(decoder.reconstruct_in_batches(windows, 0, seed=0)))
+    halves = [img for part in (windows[:3], windows[3:]) for img in decoder.reconstruct_in_batches(part, 0, seed=0)]
     assert whole.shape == (6, 3, 64, 64)
     assert torch.equal(torch.stack(halves), whole)
     assert (whole[0] - whole[1]).abs().max() > 1e-4  # distinct images (same seed, other fMRI): an order mix-up shows

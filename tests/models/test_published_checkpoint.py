@@ -216,7 +216,7 @@ def test_a_missing_shard_is_an_error_before_anything_loads(published, tmp_path, 
     work, says which shard is missing. (It used to pass it: eval.py then prepared the data, started
     generating, and reported the loader's ValueError as a possibly corrupt image cache.)"""
     from dynadiff.checkpoint.__main__ import main
-    from dynadiff.evaluation import EvaluationError, check_checkpoint
+    from dynadiff.decoder import DecoderError as EvaluationError, check_checkpoint
 
     ckpt = _linked_copy(published, tmp_path)
     (ckpt / "checkpoint" / _shard(rank)).unlink()
