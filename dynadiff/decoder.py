@@ -90,6 +90,7 @@ class CheckpointInfo:
     n_timepoints: int | None = None
     window: dict | None = None  # {"offset": s, "duration": s}
     vd_config: dict | None = None  # the training's versatilediffusion_config
+    data_config: dict | None = None  # the training's data.nsd_dataset_config (its folder, sessions, window...)
 
     @classmethod
     def read(cls, path: str | Path) -> "CheckpointInfo":
@@ -115,7 +116,8 @@ class CheckpointInfo:
         return cls(resolved, "safetensors", checkpoint_digest(resolved), brain_config=_brain_config(resolved, meta),
                    subjects=_json_list(meta.get("subjects")), n_voxels=_int(meta.get("n_voxels")),
                    n_timepoints=_int(meta.get("n_timepoints")), window=_window(meta),
-                   vd_config=_train_section(meta, "versatilediffusion_config"))
+                   vd_config=_train_section(meta, "versatilediffusion_config"),
+                   data_config=(_train_section(meta, "data") or {}).get("nsd_dataset_config"))
 
     def layout(self, subject: int, n_voxels: int | None = None) -> tuple[int | None, int, int]:
         """(input width of the brain module, number of subject layers, ``subject``'s layer).
@@ -335,6 +337,21 @@ class Decoder:
     @property
     def n_timepoints(self) -> int:
         return self.model.brain_modules["clip_image"].n_timepoints
+
+    def test_data(self, nsddata_path: str | Path | None = None, *, subject: int | None = None,
+                  averaged: bool = False):
+        """The test windows of ``subject`` (default: the decoder's), as ``eval.py`` reads them: a dataset with
+        ``brain(i)`` (a window), ``nsd_ids[i]`` and ``len()``. From the data the checkpoint was trained on (its
+        folder, sessions, window and cache, as its training recorded them), or from ``nsddata_path``."""
+        from dynadiff.config import NsdDatasetConfig
+
+        recorded = dict((self.checkpoint.data_config if self.checkpoint is not None else None) or {})
+        fields = {k: recorded[k] for k in ("nsddata_path", "sessions", "offset", "duration", "image_size", "infra")
+                  if k in recorded}
+        if nsddata_path is not None:
+            fields["nsddata_path"] = Path(nsddata_path)
+        subject = self.default_subject if subject is None else subject
+        return NsdDatasetConfig(**fields, subject=subject or 1, split="test", averaged=averaged).build()
 
     def subject_index(self, subject: int | None) -> int:
         """The layer of ``subject`` (None: the default subject)."""

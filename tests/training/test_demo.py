@@ -149,3 +149,39 @@ def test_ctrl_c_is_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert f"interrupted: {out} is incomplete; run the same command again" in err
+
+
+def _readme_python_block() -> str:
+    """The first ``python`` code block of the README's "From Python" section, as written."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## From Python\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_from_python_block_runs_as_written_after_the_demo(fast_demo, tmp_path):
+    """The README's From Python block, run as written in a fresh Python where the demo ran (its folder named
+    demo_output), saves a decoded image; and the Decoder gives the pixels eval.py wrote for the same checkpoint,
+    windows and sampler settings."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from dynadiff import Decoder
+
+    out, _ = fast_demo
+    (tmp_path / "demo_output").symlink_to(out, target_is_directory=True)
+    proc = subprocess.run([sys.executable, "-c", _readme_python_block()], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    decoded = np.asarray(Image.open(tmp_path / "decoded.png"))
+    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.uint8 and decoded.std() > 0
+
+    report = json.loads((out / "demo_results.json").read_text())
+    trained = report["trained"]
+    decoder = Decoder.from_checkpoint(trained["checkpoint"], vd_dir=out / "versatile_diffusion", device="cpu")
+    test = decoder.test_data()  # eval.py's samples: one repetition per image (seed 3), in its order
+    n = trained["n_images"]
+    images = decoder([test.brain(i) for i in range(n)], steps=2)  # the demo evaluates with 2 steps, batches of 4
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(image, np.asarray(Image.open(Path(trained["output_dir"]) / f"{i}.png")))
