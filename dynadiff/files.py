@@ -1,5 +1,5 @@
-"""Atomic file and folder writes (a crash never leaves a half-written file or folder under its final name) and an
-exclusive lock."""
+"""Atomic file and folder writes (a crash never leaves a half-written file or folder under its final name), the
+digest of files' names, sizes and modification times, and an exclusive lock."""
 
 from __future__ import annotations
 
@@ -15,23 +15,44 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
+def part_path(path: Path, suffix: str = "") -> Path:
+    """Where ``path`` is written before it is complete: ``.{name}.part`` beside it (hidden; ``suffix`` appended
+    for a writer that picks the format from the name, e.g. ``.nii.gz``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.part{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> tp.Iterator[Path]:
+    """The temporary path (:func:`part_path`) to write ``path`` to, for a writer that needs a path or an open file
+    (np.save, h5py, savemat, a download stream): renamed to ``path`` when the block ends, removed when it raises.
+
+    The folder must exist. Whatever is at the temporary path (a crash's leftover) is the writer's to overwrite.
+    """
+    path = Path(path)
+    tmp = part_path(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """(H, W, 3) uint8 array -> PNG, written to a temporary name then renamed."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def write_text(path: Path, text: str) -> None:
     """Text file written to a temporary name then renamed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_dir_atomically(target: Path, write: tp.Callable[[Path], None]) -> None:
@@ -55,17 +76,24 @@ def write_dir_atomically(target: Path, write: tp.Callable[[Path], None]) -> None
         shutil.rmtree(old)
 
 
-def stamp_digest(path: Path) -> str:
-    """16 hex digits naming a file or folder's state: each file's relative name, size and modification time
-    (a rewritten file changes it; its contents are not read)."""
+def stamp_digest(paths: Path | tp.Iterable[Path]) -> str:
+    """16 hex digits naming the state of files: each one's name, size and modification time (a rewritten file
+    changes it; contents are not read). ``paths``: a file (its name), a folder (its files, sorted, by their names
+    relative to it), or a sequence of those, in the order given (a list of files: each by its own name). A missing
+    path: FileNotFoundError.
+
+    The SHA-1 of ``"{name}:{size}:{mtime_ns};"`` per file: eval.py's checkpoint digest and the window caches' stamp
+    (:func:`dynadiff.data.nsd.file_stamp`, its first 12 digits) are this, so caches keyed by them stay valid.
+    """
     import hashlib
 
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     h = hashlib.sha1()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
 
 

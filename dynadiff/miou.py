@@ -95,9 +95,9 @@ class Segmenter:
     def identity(self) -> str:
         """16 hex digits naming the segmentation cache: model, label count, command and the files it names (size
         and modification time of each path argument, a folder's files included): new weights, new cache."""
-        from dynadiff.evaluation import checkpoint_digest  # names, sizes and times of a file or folder's files
+        from dynadiff.files import stamp_digest  # names, sizes and times of a file or folder's files
 
-        files = {arg: checkpoint_digest(Path(arg)) for arg in (*self.command, *self.weights) if arg and Path(arg).exists()}
+        files = {arg: stamp_digest(Path(arg)) for arg in (*self.command, *self.weights) if arg and Path(arg).exists()}
         return hashlib.sha1(json.dumps([self.model, self.n_classes, list(self.command), files]).encode()).hexdigest()[:16]
 
     def full_command(self, in_dir: Path, out_dir: Path) -> list[str]:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shlex
 import threading
@@ -48,12 +47,14 @@ from dynadiff.data.nsd import (
     check_subject,
     list_runs,
 )
+from dynadiff.files import atomic_path, part_path, write_text
+from dynadiff.retry import Transient, retry
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET = NSD_BUCKET_URL
 MANIFEST_FILE = ".nsd_download_manifest.json"
-PART_SUFFIX = ".part"
+PART_SUFFIX = ".part"  # the end of the temporary names (dynadiff.files.part_path: .{name}.part)
 SUPPORTED_AWS_ARGS = ("--no-sign-request", "--profile NAME", "--endpoint-url URL", "--region NAME")
 _PLAIN_MD5 = re.compile(r"[0-9a-f]{32}")
 _BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
@@ -322,10 +323,8 @@ def _load_manifest(root: Path) -> dict[str, dict]:
 def _save_manifest(root: Path, manifest: dict[str, dict]) -> None:
     """Atomic write; a failure only costs re-hashing files on the next run, so it is not fatal."""
     path = root / MANIFEST_FILE
-    tmp = path.with_name(path.name + PART_SUFFIX)
     try:
-        tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(manifest, indent=0, sort_keys=True))
     except OSError as e:
         logger.warning("cannot save %s (%s): complete files will be verified again next time", path, e)
 
@@ -343,11 +342,6 @@ def _file_md5(path: Path, on_bytes: tp.Callable[[int], None] | None = None) -> s
             if on_bytes is not None:
                 on_bytes(len(chunk))
     return md5.hexdigest()
-
-
-def part_path(dest: Path) -> Path:
-    """Temporary name a file is written to before being renamed to ``dest``."""
-    return dest.with_name(f".{dest.name}{PART_SUFFIX}")
 
 
 def _quick_state(root: Path, obj: RemoteObject, manifest: dict[str, dict]) -> str:
@@ -437,6 +431,9 @@ def download_object(
     After a network error the transfer resumes with a ranged request pinned to
     the listed ETag (``IfMatch``); a size or MD5 mismatch restarts it from
     scratch. ``dest`` appears, by rename, only once complete and verified.
+
+    Ours, not boto3's ``download_file``: botocore retries each request (see :func:`make_s3_client`) but not a
+    body that breaks mid-stream; s3transfer retries that but starts the range over, and checks no MD5.
     """
     from botocore.exceptions import ClientError
 
@@ -444,54 +441,47 @@ def download_object(
     if stop.is_set():
         raise _Cancelled
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = part_path(dest)
+    url = f"s3://{bucket}/{obj.key}"
     chunk_size = _CHUNK if limiter is None else max(4096, min(_CHUNK, int(limiter.rate / 20)))
-    done, failures = 0, 0
-    md5 = hashlib.md5()
-    try:
-        with open(tmp, "wb") as f:  # truncates a stale temporary file left by a crash
-            while True:
-                try:
-                    _fetch_into(client, bucket, obj, f, done, md5, chunk_size, progress, stop, limiter, tmp)
-                    break
-                except _Partial as partial:
-                    done = partial.done
-                    error = partial.cause
-                if isinstance(error, ClientError):
-                    code = error.response.get("Error", {}).get("Code")
-                    if code in ("PreconditionFailed", "412"):
-                        raise DownloadError(
-                            f"s3://{bucket}/{obj.key} changed while it was being downloaded: run again"
-                        ) from error
-                    if not _is_retryable(error):
-                        message = error.response.get("Error", {}).get("Message", "")
-                        raise _AccessError(
-                            f"cannot download s3://{bucket}/{obj.key}: {code} {message}".rstrip() + _access_hint(code)
-                        ) from error
-                elif not _is_retryable(error):
-                    raise error
-                failures += 1
-                if failures > retries:
-                    raise DownloadError(
-                        f"giving up on s3://{bucket}/{obj.key} after {failures} attempts: {error}"
+    done, md5 = 0, hashlib.md5()
+
+    def pause(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise _Cancelled
+
+    def give_up(error: Transient, attempts: int) -> DownloadError:
+        return DownloadError(f"giving up on {url} after {attempts} attempts: {error}")
+
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:  # "wb": truncates a stale temporary file left by a crash
+
+        def once() -> None:
+            nonlocal done, md5
+            try:
+                _fetch_into(client, bucket, obj, f, done, md5, chunk_size, progress, stop, limiter, tmp)
+                return
+            except _Partial as partial:
+                done, error = partial.done, partial.cause
+            if isinstance(error, ClientError):
+                code = error.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "412"):
+                    raise DownloadError(f"{url} changed while it was being downloaded: run again") from error
+                if not _is_retryable(error):
+                    message = error.response.get("Error", {}).get("Message", "")
+                    raise _AccessError(
+                        f"cannot download {url}: {code} {message}".rstrip() + _access_hint(code)
                     ) from error
-                if isinstance(error, _IncompleteBody) and error.restart:
-                    progress(-done)
-                    f.seek(0)
-                    f.truncate()
-                    done, md5 = 0, hashlib.md5()
-                delay = min(60.0, backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
-                logger.warning(
-                    "s3://%s/%s: %s; retry %d/%d in %.1f s", bucket, obj.key, error, failures, retries, delay
-                )
-                if stop.wait(delay):
-                    raise _Cancelled
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            elif not _is_retryable(error):
+                raise error
+            if isinstance(error, _IncompleteBody) and error.restart:
+                progress(-done)
+                f.seek(0)
+                f.truncate()
+                done, md5 = 0, hashlib.md5()
+            raise Transient(str(error)) from error
+
+        retry(once, label=url, retries=retries, backoff=backoff, give_up=give_up, sleep=pause, log=logger)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class _Partial(Exception):

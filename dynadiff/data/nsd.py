@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dynadiff.files import stamp_digest
+
 SUBJECTS = (1, 2, 5, 7)  # the four subjects who completed all 40 sessions
 N_SESSIONS = 40
 # Sessions with resting-state runs: 14 runs, runs 1 and 14 are rest.
@@ -216,14 +218,9 @@ def stimulus_png(root: Path, nsd_id: int) -> Path:
 
 def file_stamp(paths: tp.Iterable[Path]) -> str:
     """A digest of the files' names, sizes and modification times: it changes when one is rewritten (a new
-    synthetic mini-NSD, a file downloaded again), so that what was computed from the old files is not reused."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for path in paths:
-        st = Path(path).stat()
-        h.update(f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:12]
+    synthetic mini-NSD, a file downloaded again), so that what was computed from the old files is not reused.
+    The first 12 digits of :func:`dynadiff.files.stamp_digest` (the window caches' keys)."""
+    return stamp_digest(list(paths))[:12]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,12 +34,13 @@ from dynadiff.data.nsd import (
     check_data_root,
     check_subject,
 )
+from dynadiff.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
 IMAGE_CHOICES = ("subjects", "test", "all")
 DATASET = "imgBrick"
-_PART = re.compile(r"\.\d+\.png\.part")  # temporary name of a PNG being written
+_PART = re.compile(r"\.\d+\.png\.part")  # temporary name of a PNG being written (dynadiff.files.part_path)
 
 
 # ----------------------------------------------------------------------------- experiment design
@@ -85,10 +86,8 @@ def write_test_ids(root: Path, expdesign: ExpDesign | None = None) -> Path:
     if expdesign is None:
         expdesign = load_expdesign(root / EXPDESIGN_FILE)
     path = root / TEST_IDS_FILE
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file, not a path: np.save would add ".npy"
         np.save(f, expdesign.sharedix)
-    os.replace(tmp, path)
     logger.info("wrote %s (%d test image ids)", path, len(expdesign.sharedix))
     return path
 
@@ -202,10 +201,8 @@ def _extract_block(brick_path: str, dataset: str, out_dir: str, rows: list[int])
         contiguous = todo[-1] - todo[0] + 1 == len(todo)
         block = ds[todo[0] : todo[-1] + 1] if contiguous else ds[np.asarray(todo)]  # (len(todo), H, W, 3)
     for row, pixels in zip(todo, block):
-        path = out / f"{row}.png"
-        tmp = out / f".{row}.png.part"
-        Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(out / f"{row}.png") as tmp:
+            Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
     return summary
 
 

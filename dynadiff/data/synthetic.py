@@ -35,6 +35,7 @@ import numpy as np
 
 from dynadiff.data import nsd
 from dynadiff.data.preprocess import N_VOLUMES_USED, TR
+from dynadiff.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +133,8 @@ def _save_nifti(data: np.ndarray, path: Path, tr: float | None = None) -> None:
         zooms = img.header.get_zooms()
         img.header.set_zooms(zooms[:3] + (tr,))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    nib.save(img, tmp)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:  # nibabel picks the format from the name
+        nib.save(img, tmp)
 
 
 def _schedule(trials: list[int], n_runs: int, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
@@ -310,18 +310,14 @@ def _run_volume(shape, brain, mask, baseline, bold, p: SyntheticParams, rng) -> 
 def _write_expdesign(path: Path, sharedix, subjectim, masterordering) -> None:
     from scipy.io import savemat
 
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         savemat(f, {"sharedix": np.asarray(sharedix, dtype=np.float64)[None],
                     "subjectim": np.asarray(subjectim, dtype=np.float64),
                     "masterordering": np.asarray(masterordering, dtype=np.float64)[None]})
-    tmp.replace(path)
 
 
 def _write_brick(path: Path, images: np.ndarray) -> None:
     import h5py
 
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("imgBrick", data=images, chunks=(1,) + images.shape[1:], compression="gzip", compression_opts=1)
-    tmp.replace(path)

@@ -21,18 +21,18 @@ import fcntl
 import hashlib
 import logging
 import os
-import random
 import shutil
-import time
 import typing as tp
 from pathlib import Path
 
 import requests
 from tqdm.auto import tqdm
 
+from dynadiff.files import part_path  # where a file is written before it is complete: .{name}.part
+from dynadiff.retry import Transient, retry
+
 logger = logging.getLogger(__name__)
 
-PART_SUFFIX = ".part"
 CHUNK = 1 << 18  # bytes read from a response at a time
 TIMEOUT = (15, 60)  # s: connect, between two reads
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -99,11 +99,6 @@ def file_digests(path: Path, kinds: tp.Iterable[str] = ("sha256",)) -> dict[str,
     return out
 
 
-def part_path(dest: Path) -> Path:
-    """Where ``dest`` is written before it is complete."""
-    return dest.with_name(f".{dest.name}{PART_SUFFIX}")
-
-
 def human(n: float | None) -> str:
     if n is None:
         return "unknown size"
@@ -140,13 +135,13 @@ def head_size(url: str, headers: dict[str, str] | None = None, timeout: float = 
     return int(length) if length and length.isdigit() else None
 
 
-class _Retry(Exception):
-    """An attempt failed in a way worth retrying; ``cause`` says why (for the final message). ``done``: the bytes
+class _Retry(Transient):
+    """An attempt failed in a way worth retrying; the message says why (for the final message). ``done``: the bytes
     now in the part file when the attempt changed them (None: unchanged), ``received``: bytes it received."""
 
     def __init__(self, cause: str, done: int | None = None, received: int = 0, unreachable: bool = False):
         super().__init__(cause)
-        self.cause, self.done, self.received, self.unreachable = cause, done, received, unreachable
+        self.done, self.received, self.unreachable = done, received, unreachable
 
 
 @dataclasses.dataclass
@@ -229,7 +224,7 @@ def _download_locked(url, dest, part, f, *, label, expected, headers, hint, retr
         part.unlink(missing_ok=True)
         raise FetchError(f"{label}: the file downloaded from {url} is not the expected one: {problem}; it was "
                          f"deleted. The server serves another file: try again, or check {setting or 'the URL'}")
-    os.replace(part, dest)
+    os.replace(part, dest)  # not files.atomic_path: a failed download's part is kept (resumed), and the lock held
     return Downloaded(dest, fetched, start, digests)
 
 
@@ -237,39 +232,41 @@ def _transfer(url: str, f, part: Path, *, label: str, expected: Expected, header
               hint: tp.Callable[[int], str], retries: int, backoff: float, progress: bool, start: int,
               setting: str = "") -> tuple[int, bool]:
     """Append the bytes of ``url`` from ``start`` to ``f`` until complete; (bytes received, restarted from 0)."""
-    done, fetched, failures, restarted = start, 0, 0, False
+    done, fetched, restarted = start, 0, False
     total = expected.size
     if total is not None and done == total:
         return 0, False
     bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=label[-40:],
                disable=None if progress else True, leave=False)
+
+    def once() -> None:
+        nonlocal done, fetched, restarted, total
+        try:
+            received, done, total, reset = _attempt(url, f, part, label=label, headers=headers, hint=hint,
+                                                    done=done, total=total, bar=bar)
+        except _Retry as e:
+            if e.done is not None:
+                done, fetched = e.done, fetched + e.received
+            raise
+        fetched += received
+        restarted |= reset
+        if total is not None and done != total:
+            raise _Retry(f"the connection closed after {done} of {total} bytes")
+
+    def give_up(e: _Retry, attempts: int) -> FetchError:
+        kept = f" ({human(done)} kept in {part}: run again to resume)" if done else ""
+        where = setting or "the server address"
+        todo = (f"the server is failing: try again later, or check {where}" if str(e).startswith("HTTP")
+                else f"check the network, the proxy (HTTPS_PROXY) and {where}")
+        return FetchError(f"{label}: giving up on {url} after {attempts} attempt(s): {e}{kept}; {todo}",
+                          unreachable=e.unreachable)
+
     try:
-        while True:
-            try:
-                received, done, total, reset = _attempt(url, f, part, label=label, headers=headers, hint=hint,
-                                                        done=done, total=total, bar=bar)
-                fetched += received
-                restarted |= reset
-                if total is None or done == total:
-                    return fetched, restarted
-                raise _Retry(f"the connection closed after {done} of {total} bytes")
-            except _Retry as e:
-                if e.done is not None:
-                    done, fetched = e.done, fetched + e.received
-                failures += 1
-                if failures > retries:
-                    kept = f" ({human(done)} kept in {part}: run again to resume)" if done else ""
-                    where = setting or "the server address"
-                    todo = (f"the server is failing: try again later, or check {where}" if e.cause.startswith("HTTP")
-                            else f"check the network, the proxy (HTTPS_PROXY) and {where}")
-                    raise FetchError(f"{label}: giving up on {url} after {failures} attempt(s): {e.cause}{kept}; "
-                                     f"{todo}", unreachable=e.unreachable) from None
-                delay = min(60.0, backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
-                logger.warning("%s: %s; retry %d/%d in %.1f s%s", label, e.cause, failures, retries, delay,
-                               f" from byte {done}" if done else "")
-                time.sleep(delay)
+        retry(once, label=label, retries=retries, backoff=backoff, give_up=give_up,
+              note=lambda: f" from byte {done}" if done else "", log=logger)
     finally:
         bar.close()
+    return fetched, restarted
 
 
 def _attempt(url, f, part, *, label, headers, hint, done, total, bar) -> tuple[int, int, int | None, bool]:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import re
-import time
 
 from dynadiff.fetch.http import FetchError
+from dynadiff.retry import Transient, retry
 
 logger = logging.getLogger(__name__)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -106,7 +105,7 @@ def list_repo(repo: str, revision: str, *, config_key: str, retries: int = 5, ba
     Raises :class:`FetchError` (one line) for an unreachable Hub, a missing or gated repository, a missing revision.
     """
     import httpx2
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, ModelInfo, constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -118,11 +117,12 @@ def list_repo(repo: str, revision: str, *, config_key: str, retries: int = 5, ba
     if constants.is_offline_mode():
         raise FetchError(f"{repo}: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it to download from the Hub")
     where = f"{repo}@{revision}"
-    failures, unreachable = 0, False
-    while True:
+    unreachable = False  # the last failure: no answer at all (as opposed to a 5xx)
+
+    def once() -> ModelInfo:
+        nonlocal unreachable
         try:
-            info = HfApi().model_info(repo, revision=revision, files_metadata=True)
-            break
+            return HfApi().model_info(repo, revision=revision, files_metadata=True)
         except OfflineModeIsEnabled:
             raise FetchError(f"{repo}: HF_HUB_OFFLINE is set: unset it to download from the Hub") from None
         except GatedRepoError as e:
@@ -139,18 +139,19 @@ def list_repo(repo: str, revision: str, *, config_key: str, retries: int = 5, ba
                              "config/weights.yaml, and HF_ENDPOINT") from None
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else 0
-            cause, unreachable = f"HTTP {status} from {endpoint()}", False
             if status < 500 and status not in (408, 429):
                 raise FetchError(f"{where}: the Hub answered HTTP {status}{access_hint(repo, status)}") from None
+            unreachable = False
+            raise Transient(f"HTTP {status} from {endpoint()}") from None
         except (httpx2.TransportError, OSError) as e:
-            cause, unreachable = f"cannot reach {endpoint()} ({_short(e)})", True
-        failures += 1
-        if failures > retries:
-            raise FetchError(f"{where}: giving up after {failures} attempt(s): {cause}: check the network, proxy "
-                             "(HTTPS_PROXY) and HF_ENDPOINT, or try again later", unreachable=unreachable) from None
-        delay = min(60.0, backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
-        logger.warning("%s: %s; retry %d/%d in %.1f s", where, cause, failures, retries, delay)
-        time.sleep(delay)
+            unreachable = True
+            raise Transient(f"cannot reach {endpoint()} ({_short(e)})") from None
+
+    def give_up(cause: Transient, attempts: int) -> FetchError:
+        return FetchError(f"{where}: giving up after {attempts} attempt(s): {cause}: check the network, proxy "
+                          "(HTTPS_PROXY) and HF_ENDPOINT, or try again later", unreachable=unreachable)
+
+    info = retry(once, label=where, retries=retries, backoff=backoff, give_up=give_up, log=logger)
     if not info.sha:
         raise FetchError(f"{where}: the Hub's answer has no commit hash: is HF_ENDPOINT ({endpoint()}) a Hub?")
     files = {}

@@ -23,6 +23,7 @@ from pathlib import Path
 from dynadiff.fetch import hub
 from dynadiff.fetch.config import WeightsFetchConfig
 from dynadiff.fetch.http import Expected, FetchError, human
+from dynadiff.files import write_text
 from dynadiff.metrics import weights as W
 from dynadiff.segmenters import mask2former as M2F
 
@@ -148,11 +149,10 @@ class Manifest:
         """Atomic write; a failure only costs hashing the files again next time."""
         if not self._dirty:
             return
-        tmp = self.path.with_name(self.path.name + ".part")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"listings": self.listings, "files": self.files}, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            data = {"listings": self.listings, "files": self.files}
+            write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
             self._dirty = False
         except OSError as e:
             logger.warning("cannot save %s (%s): complete files will be hashed again next time", self.path, e)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from dynadiff.cli import ConfigError, setup_logging
 from dynadiff.device import check_device_name, resolve_device
+from dynadiff.files import atomic_path
 from dynadiff.metrics.config import MetricsWeightsConfig
 
 if tp.TYPE_CHECKING:
@@ -217,14 +218,8 @@ def write_map(labels: np.ndarray, path: Path) -> None:
     """(H, W) uint8 label map -> 8-bit "L" PNG at ``path``, written to a hidden temporary name then renamed."""
     from PIL import Image
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(labels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- folders
