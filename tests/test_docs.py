@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RELIABILITY = REPO / "tests" / "RELIABILITY.md"  # maintainers' material: beside the tests
 
 
 def _reliability_rows() -> list[list[str]]:
     """The rows of the table under "## The cases" (not its header and separator lines)."""
-    text = (REPO / "docs" / "reliability.md").read_text()
+    text = RELIABILITY.read_text()
     rows = []
     for line in text.split("## The cases", 1)[1].splitlines():
         if line.startswith("| ") and not line.startswith(("| area ", "| --- ")):
@@ -34,15 +35,15 @@ def test_the_readme_and_the_summary_state_the_tables_count():
     count = re.search(r"\*\*Reliability:\*\* (\d+) bad inputs and faults", (REPO / "README.md").read_text())
     assert count is not None, "the README's reliability line is missing"
     assert int(count.group(1)) == len(rows)
-    summary = (REPO / "docs" / "reliability.md").read_text().split("## The cases", 1)[0]
+    summary = RELIABILITY.read_text().split("## The cases", 1)[0]
     per_area = {a: int(n) for a, n in re.findall(r"^\| ([^|]+?) \| (\d+) \|$", summary, re.M)}
     assert per_area == {a: sum(r[0] == a for r in rows) for a in per_area} and sum(per_area.values()) == len(rows)
 
 
 def test_every_test_a_document_names_exists():
-    """docs/*.md and the README cite tests as `tests/path.py::test_name`: each must be a test of that file."""
+    """docs/*.md, the README and the reliability table cite tests as `tests/path.py::test_name`: each must be a test of that file."""
     cited = 0
-    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+    for doc in [REPO / "README.md", RELIABILITY, *sorted((REPO / "docs").glob("*.md"))]:
         for path, name in re.findall(r"(tests/[\w/]+\.py)::(test_\w+)", doc.read_text()):
             cited += 1
             assert (REPO / path).is_file(), f"{doc.name}: {path} does not exist"
