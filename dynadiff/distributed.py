@@ -93,10 +93,14 @@ def detect_world(env: tp.Mapping[str, str] | None = None) -> World:
 
 def resolve_device(name: str, world: World) -> torch.device:
     """The device of this process: ``cuda`` (or ``auto`` with GPUs) is the GPU of its local rank."""
-    from dynadiff.training import TrainingError, resolve_device as single_device
+    from dynadiff.device import DeviceError, resolve_device as single_device
+    from dynadiff.training import TrainingError
 
     if not world.distributed:
-        return single_device(name)
+        try:
+            return torch.device(single_device(name))
+        except DeviceError as e:
+            raise TrainingError(str(e)) from None
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)

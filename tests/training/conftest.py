@@ -59,12 +59,12 @@ def make_train_config(synthetic_nsd, train_vd, tmp_path):
 
 @pytest.fixture
 def crash_at(monkeypatch):
-    """``crash_at(n, training_only=False)`` makes ``training.training_step_loss`` raise
+    """``crash_at(n, training_only=False)`` makes ``training.loop.training_step_loss`` raise
     ``RuntimeError("simulated crash")`` at its ``n``-th call (``training_only``: counting only calls on a model in
     train mode, i.e. the optimizer steps' micro-batches, not validation batches); ``monkeypatch.undo()`` undoes it."""
-    from dynadiff import training
+    from dynadiff.training import loop
 
-    real = training.training_step_loss
+    real = loop.training_step_loss
 
     def arm(n: int, training_only: bool = False) -> None:
         calls = {"n": 0}
@@ -76,6 +76,6 @@ def crash_at(monkeypatch):
                     raise RuntimeError("simulated crash")
             return real(model, *args, **kwargs)
 
-        monkeypatch.setattr(training, "training_step_loss", crashing)
+        monkeypatch.setattr(loop, "training_step_loss", crashing)
 
     return arm

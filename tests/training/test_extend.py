@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from dynadiff import training
 from dynadiff.checkpoint import read_metadata
-from dynadiff.training import TrainingError, read_resume_state, train
+from dynadiff.training import TrainingError, loop, read_resume_state, train
 
 LR, WARMUP, FLOOR = 1e-3, 2, 0.1
 COMMON = ("checkpoint_every=2", "val_every=3", "log_every=1", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}",
@@ -104,7 +104,7 @@ def test_extend_a_finished_run(make_train_config, tmp_path, monkeypatch, caplog)
     assert _steps_saved(ext) == {10}
 
     # the same extension in two pieces: interrupted during step 8 (after the checkpoint of step 8), resumed
-    real = training.training_step_loss
+    real = loop.training_step_loss
     calls = {"n": 0}
 
     def crash_in_step_8(*args, **kwargs):
@@ -114,10 +114,10 @@ def test_extend_a_finished_run(make_train_config, tmp_path, monkeypatch, caplog)
         return real(*args, **kwargs)
 
     two = tmp_path / "in_two"
-    monkeypatch.setattr(training, "training_step_loss", crash_in_step_8)
+    monkeypatch.setattr(loop, "training_step_loss", crash_in_step_8)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(make_train_config(*COMMON, "steps=10", "resume=true", out=two))
-    monkeypatch.setattr(training, "training_step_loss", real)
+    monkeypatch.setattr(loop, "training_step_loss", real)
     assert read_resume_state(two / "checkpoints" / "last").step == 8 and _steps_saved(two) == {10}
     assert _state_lr(two) == pytest.approx(expected_lr(8, 10), rel=1e-12)  # what AdamW uses at step 8
     unfinished = tmp_path / "unfinished"

@@ -7,14 +7,13 @@ import csv
 import torch
 from safetensors.torch import load_file
 
-from dynadiff import training
-from dynadiff.training import train
+from dynadiff.training import loop, train
 
 
 def _run(make_train_config, out, precision, monkeypatch) -> tuple[dict, float, dict, set]:
     """One optimizer step of 2 micro-batches: (summary, logged loss of step 1, {parameter: gradient summed over the
     micro-batches}, dtypes of the outputs of the Linear layers during the step)."""
-    real = training.training_step_loss
+    real = loop.training_step_loss
     seen: set[torch.dtype] = set()
     grads: dict[str, torch.Tensor] = {}
 
@@ -34,10 +33,10 @@ def _run(make_train_config, out, precision, monkeypatch) -> tuple[dict, float, d
             for h in hooks:
                 h.remove()
 
-    monkeypatch.setattr(training, "training_step_loss", recording)
+    monkeypatch.setattr(loop, "training_step_loss", recording)
     summary = train(make_train_config("steps=1", f"mixed_precision={precision}", "grad_accumulation=2",
                                       "val_every=0", out=out))
-    monkeypatch.setattr(training, "training_step_loss", real)
+    monkeypatch.setattr(loop, "training_step_loss", real)
     with open(out / "log.csv", newline="") as f:
         loss = next(float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train" and r["step"] == "1")
     return summary, loss, grads, seen

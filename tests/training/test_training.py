@@ -15,6 +15,7 @@ from dynadiff import training
 from dynadiff.cli import ConfigError
 from dynadiff.config import OptimizerConfig, TrainConfig
 from dynadiff.data.dataset import split_by_image
+from dynadiff.files import write_dir_atomically
 from dynadiff.training import (SampleStream, StepBatches, TrainingError, complete_checkpoint_dir, epoch_permutation,
                                lr_factor, read_resume_state, train)
 from scripts import load_script
@@ -235,7 +236,7 @@ def test_bf16_autocast_and_accumulation_run(make_train_config, tmp_path):
 
 def test_interrupted_checkpoint_swap_keeps_a_complete_checkpoint(tmp_path):
     target = tmp_path / "last"
-    training._write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
+    write_dir_atomically(target, lambda d: (d / "a").write_text("1"))
     assert (target / "a").read_text() == "1"
 
     def crash(d):
@@ -243,11 +244,11 @@ def test_interrupted_checkpoint_swap_keeps_a_complete_checkpoint(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        training._write_dir_atomically(target, crash)
+        write_dir_atomically(target, crash)
     assert (target / "a").read_text() == "1"  # the complete one is still in place
     target.rename(tmp_path / "last.old")  # a crash between the two renames of a swap
     assert complete_checkpoint_dir(target) == tmp_path / "last.old"
-    training._write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
+    write_dir_atomically(target, lambda d: (d / "a").write_text("2"))
     assert (target / "a").read_text() == "2" and not (tmp_path / "last.old").exists()
 
 
