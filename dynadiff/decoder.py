@@ -16,7 +16,6 @@ record nothing and use the published configuration).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
