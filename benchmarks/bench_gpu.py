@@ -1,6 +1,6 @@
 """The published-size sampler on a GPU: images/s and peak GPU memory, one run (called by bench_gpu.sh).
 
-Model: VD's image UNet and VAE built from their real configs (dynadiff.models.realsize: 859.5 M + 83.7 M
+Model: VD's image UNet and VAE built from their real configs (benchmarks/real_size.py: 859.5 M + 83.7 M
 parameters, random weights, nothing downloaded), LoRA rank 4 on the cross-attention projections, the
 published brain module (15,724 voxels -> hidden 1552, per-TR layer -> 257x768 tokens); the sampler of
 eval.py (``DynadiffModel.reconstruct``: brain module, DDPM, classifier-free guidance 3.5 -- the UNet runs
@@ -35,17 +35,18 @@ import time
 import traceback
 from pathlib import Path
 
+import real_size  # benchmarks/real_size.py, beside this script
 import torch
 
-from dynadiff.models import realsize, vd
+from dynadiff.models import vd
 from dynadiff.models.config import FmriMLPConfig, VersatileDiffusionConfig
 from dynadiff.models.decoder import PRECISIONS, assemble_model
 
 SUBJECT1_VOXELS = 15724
 # --tiny: VD's layout at toy widths (CPU, seconds)
-TINY_UNET = dict(realsize.VD_IMAGE_UNET_CONFIG, block_out_channels=[32, 32, 64, 64], layers_per_block=1,
+TINY_UNET = dict(real_size.VD_IMAGE_UNET_CONFIG, block_out_channels=[32, 32, 64, 64], layers_per_block=1,
                  norm_num_groups=8)
-TINY_VAE = dict(realsize.VD_VAE_CONFIG, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
+TINY_VAE = dict(real_size.VD_VAE_CONFIG, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
 
 
 def parse_args(argv=None):
@@ -91,17 +92,17 @@ def configurations(args) -> list[dict]:
 
 def build_model(args, dtype: str, dual: bool, device: torch.device):
     """The sampler's model, built directly on ``device`` (random weights from the real configs)."""
-    unet_cfg = TINY_UNET if args.tiny else realsize.VD_IMAGE_UNET_CONFIG
-    vae_cfg = TINY_VAE if args.tiny else realsize.VD_VAE_CONFIG
+    unet_cfg = TINY_UNET if args.tiny else real_size.VD_IMAGE_UNET_CONFIG
+    vae_cfg = TINY_VAE if args.tiny else real_size.VD_VAE_CONFIG
     brain_cfg = FmriMLPConfig(hidden=32) if args.tiny else FmriMLPConfig()
     vd_cfg = VersatileDiffusionConfig(image_size=args.image_size, num_inference_steps=args.steps)
-    unet = realsize.build_image_unet(0, device, unet_cfg)
+    unet = real_size.build_image_unet(0, device, unet_cfg)
     if dual:  # the text stack: transformers of the same shapes as the image stack's (VD's text UNet)
-        vd.make_dual_unet(unet, realsize.build_image_unet(1, device, unet_cfg))
-    vae = realsize.build_vae(0, device, vae_cfg)
+        vd.make_dual_unet(unet, real_size.build_image_unet(1, device, unet_cfg))
+    vae = real_size.build_vae(0, device, vae_cfg)
     with torch.device(device):
         brain = brain_cfg.build(n_voxels=args.voxels)
-    model = assemble_model(brain, unet, vae, realsize.VD_SCHEDULER_CONFIG, vd_cfg, device=device, dtype=dtype)
+    model = assemble_model(brain, unet, vae, real_size.VD_SCHEDULER_CONFIG, vd_cfg, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a trained LoRA is non-zero
         for name, p in model.named_parameters():

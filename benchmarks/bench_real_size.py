@@ -6,7 +6,7 @@ Writes, under a fresh working folder (deleted at the end unless --keep; about 11
    (subject 1's real count; volumes 41x52x42, the 12 runs of session 1, 2 test images), stimuli prepared;
 2. a Versatile Diffusion folder in VD's layout (``image_unet/``, ``vae/``, ``scheduler/``) holding the
    real config files and random weights: the full image UNet (859.5 M parameters) and VAE (83.7 M)
-   (dynadiff.models.realsize.write_real_vd);
+   (benchmarks/real_size.py: write_real_vd);
 3. a published-format checkpoint for those 15,724 voxels: the 265 trainable tensors (9 brain module of the
    published FmriMLP -- hidden 1552, per-TR layer, 257x768 tokens --, 256 LoRA of which 128 on the text
    stack ``transformers.1``), written as the published DeepSpeed ZeRO-2 folder (world size 8, fp32
@@ -95,11 +95,10 @@ def write_data(root: Path) -> dict:
 
 
 def write_checkpoint(folder: Path, frozen: bool) -> dict:
+    import real_size  # benchmarks/real_size.py, beside this script
     import torch
 
-    from dynadiff.models import realsize
-
-    trainable = realsize.random_trainable_tensors(SUBJECT1_VOXELS, seed=0)
+    trainable = real_size.random_trainable_tensors(SUBJECT1_VOXELS, seed=0)
     counts = {
         "tensors": len(trainable),
         "brain": sum(k.startswith("brain_modules.") for k in trainable),
@@ -109,9 +108,9 @@ def write_checkpoint(folder: Path, frozen: bool) -> dict:
     }
     if (counts["tensors"], counts["brain"], counts["lora"], counts["lora_text_stack"]) != (265, 9, 256, 128):
         raise SystemExit(f"the synthesized checkpoint does not have the published tensors: {counts}")
-    frozen_shapes = realsize.frozen_shapes() if frozen else None
-    realsize.write_published_zero_checkpoint(folder, trainable, world_size=8, frozen=frozen_shapes,
-                                             module_dtype=torch.float16)
+    frozen_shapes = real_size.frozen_shapes() if frozen else None
+    real_size.write_published_zero_checkpoint(folder, trainable, world_size=8, frozen=frozen_shapes,
+                                              module_dtype=torch.float16)
     counts["frozen_tensors"] = len(frozen_shapes or {})
     del trainable
     gc.collect()
@@ -196,10 +195,10 @@ def main(argv=None) -> dict:
         setup["data_s"] = time.perf_counter() - t
         print(f"mini-NSD: subject 1 with {info['n_voxels'][1]} nsdgeneral voxels ({setup['data_s']:.0f} s)", flush=True)
 
-        from dynadiff.models import realsize
+        import real_size
 
         t = time.perf_counter()
-        realsize.write_real_vd(work / "vd")
+        real_size.write_real_vd(work / "vd")
         gc.collect()
         setup["vd_s"] = time.perf_counter() - t
         setup["vd_gb"] = folder_bytes(work / "vd") / 1e9

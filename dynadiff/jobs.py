@@ -32,9 +32,8 @@ import time
 import typing as tp
 from pathlib import Path
 
+import psutil
 from submitit.core.utils import FailedJobError, UncompletedJobError
-
-from dynadiff.slurm_local import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +139,20 @@ def _read_outcome(path: Path, load: tp.Callable) -> tuple[str, str]:
     return "FAILED", lines[-1].strip() if lines else ""
 
 
+def _process_runs(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs (a local job's process: submitit starts them here).
+
+    A zombie, exited but not yet reaped by its parent (submitit's executor, in this process), does not run:
+    :func:`psutil.pid_exists` alone would wait for it forever. A process of another user runs.
+    """
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
 def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOutcome]:
     """Wait until each job has finished, then read its outcome (sorted by job id)."""
     import submitit
@@ -164,7 +177,7 @@ def collect(infra, job_ids: tp.Iterable[str], poll_s: float = 1.0) -> list[JobOu
             if job is not None:
                 if not job.done():
                     running.append(job_id)
-            elif job_id.isdigit() and pid_alive(int(job_id)):  # local jobs: the id is the process id
+            elif job_id.isdigit() and _process_runs(int(job_id)):  # local jobs: the id is the process id
                 running.append(job_id)
         if not running:
             break

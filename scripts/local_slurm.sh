@@ -5,10 +5,10 @@
 #   sudo scripts/local_slurm.sh status
 #   sudo scripts/local_slurm.sh stop
 # Options after the action: --dir DIR (default /tmp/dynadiff-slurm), --cpus N (default 16).
-# Same code as the test suite's cluster: dynadiff/slurm_local.py.
+# Same code as the test suite's cluster: scripts/local_slurm.py.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="$repo/.venv/bin/python"
 [ -x "$python" ] || python="$(command -v python3)"
 cd "$repo"
-exec "$python" -m dynadiff.slurm_local "$@"
+exec "$python" scripts/local_slurm.py "$@"

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from browser import BrowserError, start_chromium  # scripts/browser.py, beside this script
 
-from dynadiff.live.browser import BrowserError, start_chromium
 from dynadiff.live.record import STATE_FILE, LiveRecord, TrialResult
 from dynadiff.live.server import ServeError, start_server
 

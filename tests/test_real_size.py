@@ -1,4 +1,4 @@
-"""Real-size stand-ins (dynadiff.models.realsize) and the benchmarks that use them.
+"""Real-size stand-ins (benchmarks/real_size.py) and the benchmarks that use them.
 
 The real-size eval.py run itself (full VD UNet and VAE, 15,724-voxel brain module, a 7 GB published-format
 checkpoint, 512x512 sampling) takes about 7 minutes and 11 GB of RAM on the project's 2-core CPU machine:
@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import real_size  # benchmarks/real_size.py
 import torch
 
-from dynadiff.models import realsize
-
 REPO = Path(__file__).resolve().parents[1]
-TINY_UNET = dict(realsize.VD_IMAGE_UNET_CONFIG, block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8)
-TINY_VAE = dict(realsize.VD_VAE_CONFIG, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
+TINY_UNET = dict(real_size.VD_IMAGE_UNET_CONFIG, block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8)
+TINY_VAE = dict(real_size.VD_VAE_CONFIG, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
 TINY_LORA_PER_STACK = 10 * 4 * 2  # 10 transformers (3 down, 1 mid, 6 up at 1 layer per block) x 4 projections x (A, B)
 
 
@@ -43,21 +42,21 @@ def _one_thread(one_torch_thread):
 
 
 def test_real_configs_build_versatile_diffusion_sizes():
-    unet = realsize.build_image_unet(device="meta")
-    vae = realsize.build_vae(device="meta")
-    assert sum(p.numel() for p in unet.parameters()) == realsize.IMAGE_UNET_PARAMETERS == 859_520_964
-    assert sum(p.numel() for p in vae.parameters()) == realsize.VAE_PARAMETERS == 83_653_863
+    unet = real_size.build_image_unet(device="meta")
+    vae = real_size.build_vae(device="meta")
+    assert sum(p.numel() for p in unet.parameters()) == real_size.IMAGE_UNET_PARAMETERS == 859_520_964
+    assert sum(p.numel() for p in vae.parameters()) == real_size.VAE_PARAMETERS == 83_653_863
     assert list(unet.config.block_out_channels) == [320, 640, 1280, 1280] and unet.config.cross_attention_dim == 768
     assert unet.config.attention_head_dim == 8 and unet.config.sample_size == 64 and unet.config.layers_per_block == 2
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     assert attn.heads == 8 and attn.to_k.in_features == 768  # 8 heads of 40 channels at 320
     assert vae.config.scaling_factor == 0.18215 and vae.config.latent_channels == 4  # the default: not in VD's file
-    assert "clip_sample" not in realsize.VD_SCHEDULER_CONFIG  # DDPM's default applies (docs/behaviour.md §4)
+    assert "clip_sample" not in real_size.VD_SCHEDULER_CONFIG  # DDPM's default applies (docs/behaviour.md §4)
 
 
 def test_published_checkpoint_tensors():
-    shapes = realsize.published_trainable_shapes(15724)
-    assert len(shapes) == realsize.N_TRAINABLE_TENSORS == 265
+    shapes = real_size.published_trainable_shapes(15724)
+    assert len(shapes) == real_size.N_TRAINABLE_TENSORS == 265
     assert sum(k.startswith("brain_modules.clip_image.") for k in shapes) == 9
     assert sum(".lora_" in k for k in shapes) == 256
     assert sum(".lora_" in k and ".transformers.1." in k for k in shapes) == 128
@@ -68,18 +67,18 @@ def test_published_checkpoint_tensors():
     assert shapes["unet.mid_block.attentions.0.transformers.1.transformer_blocks.0.attn2.to_k.lora_A.default.weight"] == (4, 768)
     assert shapes["unet.up_blocks.3.attentions.2.transformers.0.transformer_blocks.0.attn2.to_out.0.lora_B.default.weight"] == (320, 4)
     # docs/behaviour.md §4's element count (341,467,687) is that of a 12,682-voxel model: subject 7's nsdgeneral count
-    assert sum(math.prod(s) for s in realsize.published_trainable_shapes(12682).values()) == 341_467_687
+    assert sum(math.prod(s) for s in real_size.published_trainable_shapes(12682).values()) == 341_467_687
 
 
 def test_written_vd_folder_is_read_by_the_real_loader(tmp_path):
     from dynadiff.models import vd
 
-    folder = realsize.write_real_vd(tmp_path / "vd", unet_config=TINY_UNET, vae_config=TINY_VAE)
+    folder = real_size.write_real_vd(tmp_path / "vd", unet_config=TINY_UNET, vae_config=TINY_VAE)
     assert json.loads((folder / "image_unet" / "config.json").read_text()) == json.loads(json.dumps(TINY_UNET))
-    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == realsize.VD_SCHEDULER_CONFIG
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == real_size.VD_SCHEDULER_CONFIG
     assert (folder / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     unet, vae = vd.load_image_unet(folder), vd.load_vae(folder)
-    reference = realsize.build_image_unet(0, "cpu", TINY_UNET)
+    reference = real_size.build_image_unet(0, "cpu", TINY_UNET)
     for (name, p), q in zip(unet.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(p, q), name
     assert vae.config.scaling_factor == 0.18215
@@ -92,11 +91,11 @@ def zero_folder(tmp_path_factory):
     from dynadiff.models.config import FmriMLPConfig
 
     root = tmp_path_factory.mktemp("real_size")
-    vd_dir = realsize.write_real_vd(root / "vd", unet_config=TINY_UNET, vae_config=TINY_VAE)
+    vd_dir = real_size.write_real_vd(root / "vd", unet_config=TINY_UNET, vae_config=TINY_VAE)
     brain = FmriMLPConfig(hidden=16)
-    trainable = realsize.random_trainable_tensors(23, 0, TINY_UNET, brain)
-    ckpt = realsize.write_published_zero_checkpoint(root / "subj01", trainable, world_size=8,
-                                                    frozen=realsize.frozen_shapes(TINY_UNET, TINY_VAE))
+    trainable = real_size.random_trainable_tensors(23, 0, TINY_UNET, brain)
+    ckpt = real_size.write_published_zero_checkpoint(root / "subj01", trainable, world_size=8,
+                                                     frozen=real_size.frozen_shapes(TINY_UNET, TINY_VAE))
     return {"vd": vd_dir, "brain": brain, "trainable": trainable, "ckpt": ckpt}
 
 

@@ -13,13 +13,19 @@ state costs a 304; it adds each new trial at the top without reloading and never
 
 Requests whose ``Host`` is not this machine are refused (403) when bound to a loopback address: a web page
 elsewhere cannot read the session through a DNS-rebinding name.
+
+The page's source is package data, ``page/index.html``, ``page.css`` and ``page.js``: served as one document,
+the stylesheet and the script inlined in place of the ``<link>`` and ``<script src>`` that name them, and
+``__POLL_MS__`` in the script replaced by :data:`POLL_MS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import http.server
+import importlib.resources
 import ipaddress
 import json
 import logging
@@ -38,6 +44,12 @@ logger = logging.getLogger(__name__)
 # The record's images: {name}.png and {name}_truth.png, name = the trial's number on 4 digits or more.
 IMAGE_NAME = re.compile(r"\d{4,}(_truth)?\.png")
 POLL_MS = 250
+# The page's files (package data) and where index.html names the other two: replaced by their text, inlined.
+PAGE_FILES = "page"
+_INLINED = {
+    "page.css": (b'<link rel="stylesheet" href="page.css">', b"<style>\n%s</style>"),
+    "page.js": (b'<script src="page.js"></script>', b"<script>\n%s</script>"),
+}
 EMPTY_STATE = {"version": 1, "status": "waiting", "updated": None, "tr_s": None, "trials": [], "messages": []}
 
 
@@ -82,6 +94,7 @@ def start_server(folder: Path, host: str = "127.0.0.1", port: int = 0) -> LiveSe
         raise ServeError(f"cannot serve {folder}: it is a file, not a live session's folder")
     if not 0 <= port <= 65535:
         raise ServeError(f"port {port} is not a port number (0-65535; 0 picks a free one)")
+    page()  # a broken installation (page files missing) fails here, not at the first request
     handler = type("LiveHandler", (_Handler,), {"folder": folder, "loopback_only": _is_loopback(host)})
     server_class = _Server6 if ":" in host else _Server
     try:
@@ -101,6 +114,19 @@ def start_server(folder: Path, host: str = "127.0.0.1", port: int = 0) -> LiveSe
     server = LiveServer(folder, host, bound_port, httpd, thread)
     logger.info("live page of %s at %s", folder, server.url)
     return server
+
+
+@functools.cache
+def page() -> bytes:
+    """The page served at ``/``: ``page/index.html`` with ``page.css`` and ``page.js`` inlined (read once)."""
+    folder = importlib.resources.files("dynadiff.live").joinpath(PAGE_FILES)
+    html = folder.joinpath("index.html").read_bytes()
+    for name, (tag, inline) in _INLINED.items():
+        if html.count(tag) != 1:
+            raise RuntimeError(f"dynadiff/live/{PAGE_FILES}/index.html should name {name} once, as {tag.decode()}")
+        text = folder.joinpath(name).read_bytes().replace(b"__POLL_MS__", str(POLL_MS).encode())
+        html = html.replace(tag, inline % text)
+    return html
 
 
 def _is_loopback(host: str) -> bool:
@@ -153,7 +179,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         path = unquote(urlsplit(self.path).path)
         if path in ("/", "/index.html"):
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8", body, {"Cache-Control": "no-store"})
+            self._send(200, page(), "text/html; charset=utf-8", body, {"Cache-Control": "no-store"})
         elif path == "/" + STATE_FILE:
             self._send_state(body)
         elif path.startswith("/") and IMAGE_NAME.fullmatch(path[1:]):
@@ -218,212 +244,3 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the page went away mid-response
-
-
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Dynadiff live</title>
-<link rel="icon" href="data:,">
-<style>
-:root {
-  color-scheme: light dark;
-  --bg: #f5f5f4; --panel: #ffffff; --text: #1c1c1c; --muted: #5f5f5f; --line: #dcdcdc;
-  --info: #2f5f9e; --warning: #8a5a00; --error: #b3261e; --ok: #2e7d32;
-}
-@media (prefers-color-scheme: dark) {
-  :root { --bg: #161617; --panel: #202022; --text: #ececec; --muted: #a3a3a3; --line: #38383b;
-          --info: #8ab4f8; --warning: #f0b44c; --error: #f28b82; --ok: #81c995; }
-}
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--text);
-       font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
-header { position: sticky; top: 0; z-index: 1; background: var(--bg); border-bottom: 1px solid var(--line);
-         padding: 12px 20px; display: flex; flex-wrap: wrap; align-items: baseline; gap: 6px 18px; }
-h1 { font-size: 18px; margin: 0; font-weight: 600; }
-#status { font-weight: 600; }
-#status.waiting { color: var(--muted); }
-#status.running { color: var(--info); }
-#status.done { color: var(--ok); }
-#status.lost { color: var(--error); }
-#summary { color: var(--muted); font-variant-numeric: tabular-nums; }
-main { display: grid; grid-template-columns: minmax(0, 1fr) 320px; gap: 20px; padding: 16px 20px;
-       max-width: 1200px; }
-@media (max-width: 820px) { main { grid-template-columns: 1fr; } #side { order: -1; } #messages { max-height: 9.5em; } }
-h2 { font-size: 13px; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin: 0 0 8px;
-     font-weight: 600; }
-#trials { list-style: none; margin: 0; padding: 0; display: flex; flex-direction: column; gap: 10px; }
-.trial { display: grid; grid-template-columns: auto auto minmax(0, 1fr); gap: 14px; align-items: start;
-         background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 10px; }
-.trial.new { animation: arrive 1.2s ease-out; }
-@keyframes arrive { from { border-color: var(--info); box-shadow: 0 0 0 2px var(--info); } }
-figure { margin: 0; }
-figure img, .missing { display: block; width: 176px; height: 176px; object-fit: contain; border-radius: 4px;
-                       background: var(--bg); }
-.missing { display: flex; align-items: center; justify-content: center; text-align: center; padding: 8px;
-           color: var(--muted); border: 1px dashed var(--line); font-size: 13px; }
-figcaption { font-size: 12px; color: var(--muted); margin-top: 4px; }
-dl { margin: 0; display: grid; grid-template-columns: auto 1fr; gap: 2px 12px;
-     font-variant-numeric: tabular-nums; }
-dt { color: var(--muted); }
-dd { margin: 0; }
-.name { font-size: 17px; font-weight: 600; }
-#empty { color: var(--muted); padding: 28px 0; }
-#messages { list-style: none; margin: 0; padding: 0; max-height: 70vh; overflow-y: auto;
-            background: var(--panel); border: 1px solid var(--line); border-radius: 8px; }
-#messages li { padding: 7px 10px; border-bottom: 1px solid var(--line); font-size: 13px; }
-#messages li:last-child { border-bottom: 0; }
-#messages time { color: var(--muted); font-variant-numeric: tabular-nums; margin-right: 6px; }
-.level { font-weight: 600; text-transform: uppercase; font-size: 11px; margin-right: 6px; }
-.level.info { color: var(--info); } .level.warning { color: var(--warning); } .level.error { color: var(--error); }
-#no-messages { color: var(--muted); font-size: 13px; }
-</style>
-</head>
-<body>
-<header>
-  <h1>Dynadiff live</h1>
-  <span id="status" class="waiting" role="status" aria-live="polite">Waiting for the first trial&hellip;</span>
-  <span id="summary"></span>
-</header>
-<main>
-  <section aria-labelledby="trials-title">
-    <h2 id="trials-title">Trials, newest first</h2>
-    <p id="empty">Waiting for the first trial: each reconstruction appears here as soon as it is decoded.</p>
-    <ol id="trials"></ol>
-  </section>
-  <aside id="side" aria-labelledby="messages-title">
-    <h2 id="messages-title">Messages</h2>
-    <p id="no-messages">None yet.</p>
-    <ol id="messages" role="log" aria-live="polite" hidden></ol>
-  </aside>
-</main>
-<script>
-"use strict";
-const POLL_MS = __POLL_MS__, HIDDEN_POLL_MS = 1000;
-const $ = (id) => document.getElementById(id);
-const rows = new Map();  // trial number -> {row, image_written}
-const decoded = new Map();  // trial number -> image_written of every version shown (a folder can be restarted)
-let etag = null, lastMessages = "", state = null, lost = false;
-
-function el(tag, props, children) {
-  const e = document.createElement(tag);
-  Object.assign(e, props || {});
-  for (const c of children || []) e.append(c);
-  return e;
-}
-const fmtSeconds = (s) => (typeof s === "number" && isFinite(s)) ? s.toFixed(2) + " s" : "\\u2013";
-const fmtTime = (t) => new Date(t * 1000).toLocaleTimeString([], {hour12: false});
-
-function figure(src, alt, caption) {
-  const img = el("img", {src: src, alt: alt, decoding: "async"});
-  return el("figure", {}, [el("a", {href: src, target: "_blank", rel: "noopener"}, [img]),
-                           el("figcaption", {textContent: caption})]);
-}
-
-function trialRow(t) {
-  const number = "trial " + t.name;
-  // A new version of a trial already shown (a session restarted on a cleared folder): a new URL, or the
-  // browser would show the image it holds.
-  const again = decoded.has(t.trial) && decoded.get(t.trial) !== t.image_written;
-  const v = again ? "?v=" + encodeURIComponent(t.image_written) : "";
-  const seen = t.nsd_id === null || t.nsd_id === undefined ? "" : " (NSD image " + t.nsd_id + ")";
-  const truth = t.truth ? figure(t.truth + v, "Image shown at " + number + seen, "Ground truth")
-    : el("figure", {}, [el("div", {className: "missing", textContent: "Ground truth unknown"}),
-                        el("figcaption", {textContent: "Ground truth"})]);
-  const meta = el("dl", {}, []);
-  const add = (k, v, cls) => { meta.append(el("dt", {textContent: k}),
-                                           el("dd", {textContent: v, className: cls || ""})); };
-  add("NSD image", t.nsd_id === null || t.nsd_id === undefined ? "unknown" : String(t.nsd_id), "nsd-id");
-  add("Latency", fmtSeconds(t.latency_s), "latency");
-  add("Onset, last vol.", t.onset_volume + ", " + t.last_volume);
-  if (t.image_written) add("Decoded at", fmtTime(t.image_written));
-  const row = el("li", {className: "trial new", id: "trial-" + t.name}, [
-    figure(t.image + v, "Reconstruction of " + number + " decoded from fMRI", "Reconstruction"), truth,
-    el("div", {}, [el("div", {className: "name", textContent: "Trial " + t.name}), meta])]);
-  row.dataset.trial = String(t.trial);
-  row.addEventListener("animationend", () => row.classList.remove("new"));
-  return row;
-}
-
-function renderTrials(trials) {
-  const list = $("trials"), present = new Set();
-  for (const t of trials) {
-    present.add(t.trial);
-    const known = rows.get(t.trial);
-    if (known && known.image_written === t.image_written) continue;  // shown: its images are not fetched again
-    const row = trialRow(t);
-    if (known) known.row.replaceWith(row);
-    else {  // newest (highest trial number) first
-      let before = null;
-      for (const r of list.children) if (Number(r.dataset.trial) < t.trial) { before = r; break; }
-      list.insertBefore(row, before);
-    }
-    rows.set(t.trial, {row: row, image_written: t.image_written});
-    decoded.set(t.trial, t.image_written);
-  }
-  for (const [trial, known] of rows) if (!present.has(trial)) { known.row.remove(); rows.delete(trial); }
-  $("empty").hidden = rows.size > 0;
-}
-
-function renderMessages(messages) {
-  const key = JSON.stringify(messages);
-  if (key === lastMessages) return;
-  lastMessages = key;
-  const list = $("messages");
-  list.replaceChildren(...messages.slice().reverse().map((m) => el("li", {className: "message " + m.level}, [
-    el("time", {textContent: fmtTime(m.time)}), el("span", {className: "level " + m.level, textContent: m.level}),
-    el("span", {className: "text", textContent: m.text})])));
-  list.hidden = messages.length === 0;
-  $("no-messages").hidden = messages.length > 0;
-}
-
-function renderStatus() {
-  const s = $("status"), n = rows.size, trials = n + (n === 1 ? " trial" : " trials");
-  let text, cls;
-  if (lost) { text = "Lost contact with the server: retrying\\u2026"; cls = "lost"; }
-  else if (!state) { text = "Connecting\\u2026"; cls = "waiting"; }
-  else if (state.status === "done") { text = "Done: " + trials + " decoded"; cls = "done"; }
-  else if (n === 0) { text = "Waiting for the first trial\\u2026"; cls = "waiting"; }
-  else if (state.status === "running") { text = "Running: " + trials + " decoded"; cls = "running"; }
-  else { text = "Waiting for volumes: " + trials + " so far"; cls = "waiting"; }
-  if (s.textContent !== text) s.textContent = text;
-  s.className = cls;
-  document.title = (n ? "(" + n + ") " : "") + "Dynadiff live";
-}
-
-function renderSummary(trials) {
-  const lat = trials.map((t) => t.latency_s).filter((x) => typeof x === "number").sort((a, b) => a - b);
-  if (!lat.length) { $("summary").textContent = ""; return; }
-  const mid = lat.length >> 1, median = lat.length % 2 ? lat[mid] : (lat[mid - 1] + lat[mid]) / 2;
-  const last = trials.reduce((a, b) => (b.trial > a.trial ? b : a));
-  $("summary").textContent = "latency: last " + fmtSeconds(last.latency_s) + ", median " + fmtSeconds(median)
-    + ", max " + fmtSeconds(lat[lat.length - 1]);
-}
-
-async function poll() {
-  try {
-    const response = await fetch("trials.json", {cache: "no-store", headers: etag ? {"If-None-Match": etag} : {}});
-    if (response.status === 200) {
-      const next = await response.json();
-      etag = response.headers.get("ETag");
-      state = next;
-      renderTrials(state.trials || []);
-      renderMessages(state.messages || []);
-      renderSummary(state.trials || []);
-    } else if (response.status !== 304) {
-      throw new Error("HTTP " + response.status);
-    }
-    lost = false;
-  } catch (e) {
-    lost = true;
-  }
-  renderStatus();
-  setTimeout(poll, document.hidden ? HIDDEN_POLL_MS : POLL_MS);
-}
-poll();
-</script>
-</body>
-</html>
-""".replace("__POLL_MS__", str(POLL_MS))

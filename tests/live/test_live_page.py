@@ -15,10 +15,10 @@ import re
 import socket
 import time
 
+import browser  # scripts/browser.py
 import numpy as np
 import pytest
 
-from dynadiff.live import browser
 from dynadiff.live.record import LiveRecord, TrialResult
 from dynadiff.live.server import ServeError, start_server
 

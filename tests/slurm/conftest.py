@@ -14,8 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-from dynadiff.slurm_local import LocalSlurm, SlurmSetupError, unavailable_reason
+from local_slurm import LocalSlurm, SlurmSetupError, unavailable_reason  # scripts/local_slurm.py
 
 
 def pytest_configure(config):

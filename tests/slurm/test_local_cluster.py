@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dynadiff.slurm_local import LocalSlurm
+from local_slurm import LocalSlurm  # scripts/local_slurm.py
 
 
 def _wait_for(predicate, timeout: float, what: str):

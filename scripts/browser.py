@@ -5,6 +5,9 @@ Debian's ``chromium`` with Debian's ``chromedriver`` (same version, from the ``c
 download a driver). Chromium is started so that it reaches nothing but this machine: no background
 networking, component updates, sync, metrics or first-run pings, and every host name but ``localhost``
 resolves to nothing (pages are opened at ``127.0.0.1``, which needs no lookup).
+
+Tooling, not part of the ``dynadiff`` package: ``scripts/screenshot_live_page.py`` imports it from beside it,
+the tests as ``browser`` (``scripts/`` is on their ``sys.path``: ``pythonpath`` in pyproject.toml).
 """
 
 from __future__ import annotations

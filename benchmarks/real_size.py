@@ -17,7 +17,9 @@ network (the project's CPU machine, a lent GPU machine):
   per rank, the whole module, frozen weights included, in the training precision), written directly with
   ``torch.save`` -- DeepSpeed itself is not needed (its own reader, ``zero_to_fp32``, reads the result).
 
-``tiny.py`` is the small counterpart used by the tests and the demo.
+``dynadiff/models/tiny.py`` is the small counterpart used by the tests and the demo. Benchmark tooling, not part
+of the ``dynadiff`` package: the benchmarks import it as ``real_size`` (run as scripts, their folder is on
+``sys.path``), and so do the tests (``benchmarks/`` is on their ``sys.path``: ``pythonpath`` in pyproject.toml).
 """
 
 from __future__ import annotations

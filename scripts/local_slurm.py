@@ -1,8 +1,12 @@
 """A single-node SLURM cluster on this machine: for the tests, and to try the cluster path.
 
-    python -m dynadiff.slurm_local start [--dir DIR] [--cpus N]   # then: export PATH=DIR/bin:$PATH
-    python -m dynadiff.slurm_local status [--dir DIR]
-    python -m dynadiff.slurm_local stop [--dir DIR]
+    python scripts/local_slurm.py start [--dir DIR] [--cpus N]   # then: export PATH=DIR/bin:$PATH
+    python scripts/local_slurm.py status [--dir DIR]
+    python scripts/local_slurm.py stop [--dir DIR]
+
+(or ``scripts/local_slurm.sh``, which finds the project's Python). Tooling, not part of the ``dynadiff``
+package: the tests import it as ``local_slurm`` (``scripts/`` is on their ``sys.path``: ``pythonpath`` in
+pyproject.toml). Standard library only.
 
 It runs munged (with its own key), slurmctld and slurmd as root, with every
 file (configuration, state, spool, logs, sockets) under one short folder
@@ -471,7 +475,7 @@ def pid_alive(pid: int, reap: bool = False) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dynadiff.slurm_local", description=__doc__,
+    p = argparse.ArgumentParser(prog="scripts/local_slurm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"the cluster's folder (default {DEFAULT_DIR})")
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start()
             print(f"local SLURM cluster running in {cluster.root}; to use it (and stop it later):\n"
                   f"  export PATH={cluster.bin_dir}:$PATH\n"
-                  f"  python -m dynadiff.slurm_local stop --dir {cluster.root}")
+                  f"  scripts/local_slurm.sh stop --dir {cluster.root}")
         elif args.action == "stop":
             cluster.stop()
             print(f"stopped the local cluster in {cluster.root}")
