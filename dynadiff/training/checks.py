@@ -14,7 +14,7 @@ from dynadiff.training.checkpoints import (MODEL_FILE, STATE_FILE, STATE_FORMAT,
 from dynadiff.training.errors import TrainingError
 from dynadiff.training.optim import lr_factor
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__package__)  # "dynadiff.training", as before the split
 
 
 def slurm_restarts() -> int:

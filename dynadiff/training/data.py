@@ -13,7 +13,7 @@ from dynadiff.config import TrainConfig
 from dynadiff.training.errors import TrainingError
 from dynadiff.training.seeding import seed_words
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__package__)  # "dynadiff.training", as before the split
 
 
 class TrainingSamples:

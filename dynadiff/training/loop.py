@@ -28,7 +28,7 @@ from dynadiff.training.precision import resolve_mixed_precision
 from dynadiff.training.rank_logs import drop_rank_log, rank_log
 from dynadiff.training.seeding import SampleStream, StepBatches, step_seed
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__package__)  # "dynadiff.training", as before the split
 
 # Streams of random draws, one seed each per (step, micro-batch): see step_seed.
 _NOISE, _DROPOUT, _VALIDATION, _INIT = 0, 1, 2, 3
