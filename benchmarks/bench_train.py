@@ -136,7 +136,7 @@ def measure(setup: Setup, args, device: torch.device, threads: int | None, world
     opt, _ = build_optimizer(model, OptimizerConfig(lr=1e-5), shard=bool(world is not None and args.shard_optimizer))
     parallel = None
     if world is not None:
-        from dynadiff.distributed import wrap_model
+        from dynadiff.training.distributed import wrap_model
 
         parallel = DataParallel(wrap_model(model, world, device), world, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,7 +200,7 @@ def _row(r: dict) -> str:
 
 def _ddp_worker(rank: int, size: int, port: int, setup_name: str, args, queue) -> None:
     """One of ``size`` gloo processes on this machine (torch.multiprocessing.spawn)."""
-    from dynadiff.distributed import World, destroy_process_group, init_process_group
+    from dynadiff.training.distributed import World, destroy_process_group, init_process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
@@ -247,7 +247,7 @@ def main_ddp(args) -> int:
 
 def main_torchrun(args) -> int:
     """Under torchrun: this world, DDP, one process per GPU (or gloo on the CPU)."""
-    from dynadiff.distributed import destroy_process_group, detect_world, init_process_group, resolve_device
+    from dynadiff.training.distributed import destroy_process_group, detect_world, init_process_group, resolve_device
 
     world = detect_world()
     device = resolve_device(args.device, world)

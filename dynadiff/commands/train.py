@@ -128,7 +128,7 @@ def check_before_run(cfg) -> None:
     from dynadiff.device import check_device_available
     from dynadiff.training import check_inputs, check_output
 
-    from dynadiff.distributed import detect_world
+    from dynadiff.training.distributed import detect_world
     from dynadiff.training import TrainingError
 
     check_inputs(cfg)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace, built: dict) -> int:
     logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     from dynadiff.checkpoint import CheckpointError
     from dynadiff.data.nsd import NsdDataError
-    from dynadiff.distributed import DistributedSetupError, detect_world
+    from dynadiff.training.distributed import DistributedSetupError, detect_world
     from dynadiff.training import TrainingError
 
     from dynadiff import jobs

@@ -38,7 +38,7 @@ def training_step_loss(model, batch: dict, generator: torch.Generator, autocast_
                        share: tuple[int, int] | None = None) -> torch.Tensor:
     """The docs/behaviour.md §4 loss of one micro-batch (a hook: tests wrap it to interrupt a run).
 
-    ``share = (start, total)``: ``model`` is the DDP-wrapped :class:`dynadiff.distributed.LossModule` and the
+    ``share = (start, total)``: ``model`` is the DDP-wrapped :class:`dynadiff.training.distributed.LossModule` and the
     batch is rows ``start ..`` of a global micro-batch of ``total`` samples."""
     if share is None:
         device = model.device
@@ -71,8 +71,8 @@ def _seeded_global_rng(seed: int, device: torch.device):
 class DataParallel:
     """A data-parallel run, for :func:`optimizer_step`: the DDP-wrapped loss and this process's place."""
 
-    ddp: torch.nn.Module  # DistributedDataParallel(dynadiff.distributed.LossModule(model))
-    world: tp.Any  # dynadiff.distributed.World
+    ddp: torch.nn.Module  # DistributedDataParallel(dynadiff.training.distributed.LossModule(model))
+    world: tp.Any  # dynadiff.training.distributed.World
     device: torch.device
 
 
@@ -111,7 +111,7 @@ def optimizer_step(model, opt: torch.optim.Optimizer, params: list[torch.nn.Para
             (scaler.scale(scaled) if scaler else scaled).backward()
         step_loss += float(loss.detach()) / accumulation
     if parallel is not None:
-        from dynadiff.distributed import all_mean
+        from dynadiff.training.distributed import all_mean
 
         (step_loss,) = all_mean([step_loss], parallel.world, parallel.device)
     if scaler:
@@ -147,7 +147,7 @@ def validation_loss(model, data: TrainingSamples, cfg: TrainConfig, autocast_dty
     finally:
         model.train(was_training)
     if world is not None and world.distributed:
-        from dynadiff.distributed import all_sum
+        from dynadiff.training.distributed import all_sum
 
         (total,) = all_sum([total], world, model.device)
     return total / max(n, 1)
@@ -190,9 +190,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or continue) the training described by ``cfg``; returns a summary dict.
 
     Under torchrun or as a SLURM job of several tasks, this process is one of a data-parallel run
-    (:mod:`dynadiff.distributed`): it starts the process group, trains its share of every global batch, and
+    (:mod:`dynadiff.training.distributed`): it starts the process group, trains its share of every global batch, and
     only rank 0 writes the run folder."""
-    from dynadiff import distributed
+    from dynadiff.training import distributed
 
     world = distributed.detect_world()
     if not world.distributed:
@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, world) -> dict:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from dynadiff import distributed
+    from dynadiff.training import distributed
 
     out = Path(cfg.output_dir)
     main = world.is_main

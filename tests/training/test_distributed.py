@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from scripts import load_script, started
 
-from dynadiff.distributed import BatchShareDropout, World, _Share, resolve_device, share_dropout
+from dynadiff.training.distributed import BatchShareDropout, World, _Share, resolve_device, share_dropout
 from dynadiff.training import SampleStream, StepBatches, TrainingError, check_output, read_resume_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -276,7 +276,7 @@ def test_device_of_a_process(monkeypatch):
 
 
 def test_world_from_torchrun_environment():
-    from dynadiff.distributed import DistributedSetupError, detect_world
+    from dynadiff.training.distributed import DistributedSetupError, detect_world
 
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     assert detect_world(env) == World(3, 4, 1, 2, "torchrun")
