@@ -69,6 +69,8 @@ def write(params: str, out: str, dtype: str = "fp32", masters: str | None = None
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    _gloo_collectives_only()
+
     bag = Bag(load_file(params), set(json.loads(meta["frozen"])), set(json.loads(meta["buffers"])))
     opt = torch.optim.Adam([p for p in bag.parameters() if p.requires_grad], lr=0.05)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
@@ -105,6 +107,15 @@ def write(params: str, out: str, dtype: str = "fp32", masters: str | None = None
             save_file(fp32, masters, metadata={"world_size": str(dist.get_world_size())})
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _gloo_collectives_only() -> None:
+    """No DeepSpeed shared-memory CPU collectives: a C++ op it compiles on first use (minutes on a busy 2-core
+    machine, again on each fresh one), after probing every op with the compiler. gloo's collectives do for these
+    few tensors. DeepSpeed reads ``deepspeed.ops.__compatible_ops__`` (probed on first access) only to decide that."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
 def _warm_imports() -> None:
