@@ -10,15 +10,18 @@ demo printed the same metrics; else 1, listing the differences. ``--full``: the 
 minutes on 2 cores per checkout) instead of ``--fast`` (a minute or two).
 
 Compared: every PNG, ``metrics.json``/``.md``, ``run.json`` and ``config.yaml`` of the evaluation folders;
-``timecourse.json``/``.csv`` and the pictures of the time course; the checkpoints' ``model.safetensors``; the
-sample grids; the live replay's images. Not compared: files that hold times (``log.csv``, ``latency.csv``,
-``trials.json``, ``demo_results.json``) and caches' internals.
+``timecourse.json``/``.csv`` and the pictures of the time course; the checkpoints' ``model.safetensors`` (tensors
+and metadata); the sample grids; the live replay's images. Run ids and exca cache folders are digests of the files'
+modification times, so they differ between any two runs: folders are matched without their id, and the keys that
+name a run (digests, run ids, output folders) are left out of JSON, YAML and safetensors metadata. Not compared:
+files that hold times (``log.csv``, ``latency.csv``, ``trials.json``, ``demo_results.json``) and caches' internals.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -59,10 +62,51 @@ def run(repo: Path, work: Path, full: bool) -> str:
     return table
 
 
+# run ids and exca cache folders are digests of the checkpoint's and the data's modification times: they differ
+# between any two runs, so folders are compared by their name without the id, and these keys are left out
+RUN_ID = re.compile(r"_[0-9a-f]{8}(?=/|$)")
+VOLATILE_KEYS = re.compile(r"digest|run_id|^uid$|output_dir|latest_link")
+
+
+def _stable(value):
+    """A JSON or YAML value without the keys that name a run (digests of modification times)."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if not VOLATILE_KEYS.search(str(k))}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def content(path: Path) -> bytes:
+    """What is compared of a file: its bytes; a JSON or YAML file's values without the run-naming keys; a
+    safetensors file's tensors and metadata (its training config without them)."""
+    if path.suffix == ".json":
+        return json.dumps(_stable(json.loads(path.read_text())), sort_keys=True).encode()
+    if path.suffix == ".yaml":
+        import yaml
+
+        return json.dumps(_stable(yaml.safe_load(path.read_text())), sort_keys=True, default=str).encode()
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            meta = {k: _stable(json.loads(v)) if v.startswith(("{", "[")) else v
+                    for k, v in (f.metadata() or {}).items()}
+            h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+            for key in sorted(f.keys()):
+                h.update(key.encode() + f.get_tensor(key).tobytes())
+        return h.digest()
+    return path.read_bytes()
+
+
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and COMPARED.match(p.name) and not SKIPPED_PARTS & set(p.relative_to(root).parts)
-            and ".tmp" not in p.name}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if (p.is_file() and COMPARED.match(p.name) and not SKIPPED_PARTS & set(rel.parts) and ".part" not in p.name
+                and not any(part.startswith("dynadiff.config.") for part in rel.parts)):
+            out[RUN_ID.sub("_*", str(rel))] = hashlib.sha256(content(p)).hexdigest()
+    return out
 
 
 def main(argv=None) -> int:
