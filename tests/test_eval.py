@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from scripts import generated, load_script, run_eval
+from scripts import eval_command, generated, load_script, run_eval, started
 
 REPO = Path(__file__).resolve().parents[1]
 N_LIMIT = 6
@@ -115,16 +115,17 @@ def test_killed_run_resumes_with_missing_images_only(setup, tmp_path):
     done = _items_in_cache(cache)
     assert 2 <= done < 6
     assert not (_out(cache) / "metrics.json").exists()
-    resumed = _run(setup, cache, *slow)
+    ref_cache = tmp_path / "ref"  # an uninterrupted run, in its own cache, runs meanwhile (one thread each)
+    with started(eval_command(setup, ref_cache, *slow), setup["env"]) as ref:
+        resumed = _run(setup, cache, *slow)
+        _, ref_err = ref.communicate(timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert _generated(resumed.stderr) == 6 - done
     assert _items_in_cache(cache) == 6  # exactly one image per test index
     files = sorted(p.name for p in _out(cache).glob("[0-9]*.png") if "_gt" not in p.name)
     assert files == [f"{i}.png" for i in range(6)]
-    # same images as an uninterrupted run
-    ref_cache = tmp_path / "ref"
-    ref = _run(setup, ref_cache, *slow)
-    assert ref.returncode == 0, ref.stderr
+    # same images as the uninterrupted run
+    assert ref.returncode == 0, ref_err
     for i in range(6):
         np.testing.assert_array_equal(np.asarray(Image.open(_out(cache) / f"{i}.png")),
                                       np.asarray(Image.open(_out(ref_cache) / f"{i}.png")))
