@@ -76,11 +76,21 @@ def _job_past_a_checkpoint(proc, run: Path, cluster, before: set[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def local_run(setup):
-    proc = subprocess.run(_train_cmd(setup, "local", infra=False), env=_env(), capture_output=True, text=True,
-                          timeout=420)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _summary(proc.stdout)["steps"] == STEPS
-    return setup["root"] / "local"
+    """The same training in a train.py process here, the reference weights: ``local_run()`` waits for it and
+    gives its output folder. It runs in the background meanwhile (one thread, as each job: the first cluster
+    run uses the other core)."""
+    with started(_train_cmd(setup, "local", infra=False), _env()) as proc:
+        finished = []
+
+        def wait() -> Path:
+            if not finished:
+                out, err = proc.communicate(timeout=420)
+                assert proc.returncode == 0, err[-3000:]
+                assert _summary(out)["steps"] == STEPS
+                finished.append(setup["root"] / "local")
+            return finished[0]
+
+        yield wait
 
 
 def test_training_runs_as_one_slurm_job_with_the_local_run_weights(setup, local_run, slurm_cluster):
@@ -95,7 +105,7 @@ def test_training_runs_as_one_slurm_job_with_the_local_run_weights(setup, local_
     # exca logged that job in the --cache folder, where the training's own outputs are not
     logs = list((setup["root"] / "cache_cluster").glob(f"dynadiff.config.TrainConfig.run,1/logs/*/{jobs[0]['id']}"))
     assert len(logs) == 1, logs
-    _assert_same_weights(setup["root"] / "cluster", local_run)
+    _assert_same_weights(setup["root"] / "cluster", local_run())
 
 
 def test_cancelled_training_job_is_reported_and_resumes_exactly(setup, local_run, slurm_cluster):
@@ -121,7 +131,7 @@ def test_cancelled_training_job_is_reported_and_resumes_exactly(setup, local_run
     summary = _summary(resumed.stdout)
     assert summary["steps"] == STEPS and summary["resumed_from"] is not None and summary["resumed_from"] >= stopped_at
     assert sorted(j["state"] for j in finished_training_jobs(slurm_cluster, before)) == ["CANCELLED", "COMPLETED"]
-    _assert_same_weights(run, local_run)
+    _assert_same_weights(run, local_run())
 
 
 def test_training_job_requeued_after_a_node_failure_continues_from_its_checkpoint(setup, local_run, slurm_cluster):
@@ -148,4 +158,4 @@ def test_training_job_requeued_after_a_node_failure_continues_from_its_checkpoin
     log = next((setup["root"] / "cache_requeued").glob(f"dynadiff.config.TrainConfig.run,1/logs/*/{job['id']}"))
     text = (log / f"{job['id']}_0_log.err").read_text()
     assert "DUE TO NODE FAILURE" in text and "SLURM requeued this job (restart 1)" in text
-    _assert_same_weights(run, local_run)
+    _assert_same_weights(run, local_run())
