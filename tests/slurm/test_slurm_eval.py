@@ -251,11 +251,12 @@ def test_node_failure_requeues_the_jobs_and_the_run_completes(tiny, slurm_run, s
     """The node goes DOWN while the generation tasks run: SLURM requeues them, they run again once the node
     is back, and eval.py, which waited, ends with the images of a local run."""
     seed = ["versatilediffusion_config.seed=17", *SLOW]
-    local = _run(_eval_cmd(tiny, tiny["root"] / "local", *seed, infra=False))
-    assert local.returncode == 0, local.stderr[-3000:]
     cache = slurm_run["cache"]
     before = {j["id"] for j in slurm_cluster.jobs()}
-    with started(_eval_cmd(tiny, cache, *seed), _env(slurm_cluster)) as proc:
+    # the local run (the reference images) goes on meanwhile, one thread: it uses the cores the jobs leave idle
+    # (their start, the failure, the requeue) and can only slow them down
+    with started(_eval_cmd(tiny, tiny["root"] / "local", *seed, infra=False), _env()) as local, \
+            started(_eval_cmd(tiny, cache, *seed), _env(slurm_cluster)) as proc:
         victim = _wait_for_generation_task(proc, slurm_cluster, before, cache)  # its code runs
         try:
             requeued = slurm_cluster.fail_node()
@@ -263,6 +264,8 @@ def test_node_failure_requeues_the_jobs_and_the_run_completes(tiny, slurm_run, s
             slurm_cluster.restore_node()  # and start the requeued jobs now, not in a few minutes
         assert victim in requeued
         _, err = proc.communicate(timeout=300)
+        _, local_err = local.communicate(timeout=420)
+    assert local.returncode == 0, local_err[-3000:]
     assert proc.returncode == 0, err[-3000:]
     log = _job_log(cache, victim)
     assert "DUE TO NODE FAILURE" in log.read_text()
