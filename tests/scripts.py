@@ -24,11 +24,21 @@ def load_script(name: str) -> types.ModuleType:
     return importlib.import_module(f"dynadiff.commands.{name}")
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test sends Ctrl-C (SIGINT): its default action, as a terminal's foreground
+    command has. pytest started in the background by a non-interactive shell (``pytest &``) runs with SIGINT
+    ignored, and its children inherit that: they would never see the Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def started(cmd: list[str], env: dict) -> tp.Iterator[subprocess.Popen]:
-    """``cmd`` running in the background (stdout and stderr piped, as text); killed when the block is left
-    while it still runs (a failed assertion must not leave it behind)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """``cmd`` running in the background (stdout and stderr piped, as text; SIGINT at its default action); killed
+    when the block is left while it still runs (a failed assertion must not leave it behind)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         yield proc
     finally:

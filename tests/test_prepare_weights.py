@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from weights_server import COMMIT, WeightsServer
 
-from scripts import load_script
+from scripts import default_sigint, load_script
 
 LAUNCHER = Path(__file__).parent / "weights_server.py"
 BIG = 1 << 20  # the VD UNet's size here: big enough to stop a transfer half-way (the client reads 256 KiB at a time)
@@ -275,7 +275,7 @@ def test_ctrl_c_keeps_the_partial_file_and_says_how_to_resume(site):
     part = dest.with_name(f".{dest.name}.part")
     site.server.fault(site.urls["unet"], stall_at=BIG // 2)
     proc = subprocess.Popen(site.command("--only", "vd"), cwd=site.root, env=site.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not (part.is_file() and part.stat().st_size >= BIG // 2):

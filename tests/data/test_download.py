@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from scripts import default_sigint
 
 from dynadiff.data import download as dl
 from dynadiff.data.download import AwsOptions, DownloadError, RemoteObject, download_nsd, parse_aws_args
@@ -120,7 +121,8 @@ def test_multipart_object_checked_by_size(tmp_path, s3_server, s3_make_bucket, s
 def _run_cli(args, env, **kwargs):
     return subprocess.Popen(
         [sys.executable, str(REPO / "prepare_data.py"), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint,
+        **kwargs,
     )
 
 
