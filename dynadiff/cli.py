@@ -79,14 +79,14 @@ def override_tree(model: type[pydantic.BaseModel], base: dict, overrides: tp.Seq
     the tree to validate (or to complete with typed values first)."""
     from exca import ConfDict
 
-    tree = ConfDict(base)
+    tree = ConfDict(base)  # a copy: base is left as it is
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"expected KEY=VALUE, got {item!r}")
         key, text = item.split("=", 1)
         key = key.strip()
         check_key(model, key)
-        tree = set_dotted(tree, key, parse_value(text))
+        tree[key] = parse_value(text)
     return tree
 
 
