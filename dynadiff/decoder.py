@@ -186,14 +186,6 @@ def _window(meta: dict) -> dict | None:
         return None
 
 
-def check_checkpoint(path: Path, subject: int) -> Path:
-    """The checkpoint file or DeepSpeed folder that ``path`` names, readable and trained on ``subject``;
-    :class:`DecoderError` saying what is wrong otherwise."""
-    info = CheckpointInfo.read(path)
-    info.layout(subject)
-    return info.path
-
-
 def mismatch_cause(error: Exception, n_voxels: int, subject: int, n_timepoints: int | None = None) -> str:
     """What a checkpoint that does not fit the model most likely is, from the shapes in the loader's error.
 

@@ -216,15 +216,15 @@ def test_a_missing_shard_is_an_error_before_anything_loads(published, tmp_path, 
     work, says which shard is missing. (It used to pass it: eval.py then prepared the data, started
     generating, and reported the loader's ValueError as a possibly corrupt image cache.)"""
     from dynadiff.checkpoint.__main__ import main
-    from dynadiff.decoder import DecoderError as EvaluationError, check_checkpoint
+    from dynadiff.decoder import CheckpointInfo, DecoderError
 
     ckpt = _linked_copy(published, tmp_path)
     (ckpt / "checkpoint" / _shard(rank)).unlink()
     message = rf"should hold 8 optimizer partitions \(one per rank\) but holds 7; missing: rank {rank} \(an incomplete"
     with pytest.raises(CheckpointError, match=rf"^DeepSpeed checkpoint .*subj01/checkpoint {message}"):
         resolve_checkpoint(ckpt)
-    with pytest.raises(EvaluationError, match=rf"^--checkpoint: DeepSpeed checkpoint .*{message}") as err:
-        check_checkpoint(ckpt, 1)
+    with pytest.raises(DecoderError, match=rf"^--checkpoint: DeepSpeed checkpoint .*{message}") as err:
+        CheckpointInfo.read(ckpt)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=message):
         read_zero_checkpoint(ckpt)
