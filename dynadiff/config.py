@@ -28,12 +28,51 @@ class StrictModel(pydantic.BaseModel):
 Device = tp.Annotated[str, pydantic.AfterValidator(check_device_name)]
 
 
+class BidsSource(StrictModel):
+    """A BIDS dataset as the data source (docs/bids.md; :mod:`dynadiff.data.bids`).
+
+    - ``root``: the dataset (its ``dataset_description.json``, ``sub-*/``, ``stimuli/``).
+    - ``derivatives``: fMRIPrep's output folder: its ``desc-preproc`` BOLD runs (in ``space``) and
+      their ``desc-brain_mask`` are read instead of the raw runs.
+    - ``task``, ``runs``: the runs used (None: every run with events); sessions are the data config's
+      ``sessions``, by the number their label ends with.
+    - ``image_column``: the ``events.tsv`` column naming each trial's image, relative to ``stimuli``
+      (the dataset's ``stimuli/`` unless given).
+    - ``mask``: a NIfTI mask or atlas on the BOLD's grid (``{subject}`` in the path: the participant
+      label); ``mask_labels``: the atlas values kept (None: every value > 0). Without it, the
+      derivatives' brain masks.
+    - ``test_images``: a text file naming the test images, one per line; None: the images shown more
+      than once.
+    """
+
+    root: Path
+    derivatives: Path | None = None
+    space: str | None = None
+    task: str | None = None
+    runs: list[int] | None = None
+    image_column: str = "stim_file"
+    stimuli: Path | None = None
+    mask: str | None = None
+    mask_labels: list[int] | None = None
+    test_images: Path | None = None
+
+    @pydantic.field_validator("runs", "mask_labels")
+    @classmethod
+    def _not_empty(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("must not be empty (use null for all)")
+        return v
+
+
 class NsdDatasetConfig(StrictModel):
-    """fMRI windows and stimuli of one NSD subject (docs/behaviour.md §2).
+    """fMRI windows and stimuli of one subject of NSD, or of a BIDS dataset with ``bids`` (docs/behaviour.md §2).
 
     The per-event windows are cached by ``infra`` (an exca ``MapInfra``); the
     cache key leaves out ``averaged``, ``seed`` and ``split``, which only select
     among cached windows, so changing them reuses the cache.
+
+    ``bids``: None reads NSD under ``nsddata_path``; a :class:`BidsSource` reads that BIDS dataset
+    instead (``subject``: the participant whose label ends in that number; ``sessions``: likewise).
     """
 
     nsddata_path: Path = Path("./nsddata")
@@ -45,26 +84,30 @@ class NsdDatasetConfig(StrictModel):
     duration: float = 8.0  # seconds
     sessions: list[int] | None = None  # None: all 40 sessions
     image_size: int = 512
+    bids: BidsSource | None = None  # None: NSD
     infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
-
-    @pydantic.field_validator("subject")
-    @classmethod
-    def _known_subject(cls, v: int) -> int:
-        if v not in SUBJECTS:
-            raise ValueError(f"unknown subject {v}: NSD subjects with all 40 sessions are {list(SUBJECTS)}")
-        return v
 
     @pydantic.field_validator("sessions")
     @classmethod
     def _valid_sessions(cls, v: list[int] | None) -> list[int] | None:
         if v is not None:
             if not v:
-                raise ValueError("sessions must not be empty (use null for all 40 sessions)")
-            bad = [s for s in v if not 1 <= s <= 40]
-            if bad:
-                raise ValueError(f"sessions must be within 1..40, got {bad}")
+                raise ValueError("sessions must not be empty (use null for all sessions)")
             v = sorted(set(v))
         return v
+
+    @pydantic.model_validator(mode="after")
+    def _known_subject_and_sessions(self) -> "NsdDatasetConfig":
+        if self.bids is None:  # NSD's subjects and sessions; a BIDS dataset's are checked against its files
+            if self.subject not in SUBJECTS:
+                raise ValueError(f"unknown subject {self.subject}: NSD subjects with all 40 sessions are "
+                                 f"{list(SUBJECTS)}")
+            bad = [s for s in self.sessions or () if not 1 <= s <= 40]
+            if bad:
+                raise ValueError(f"sessions must be within 1..40, got {bad}")
+        elif self.subject < 0:
+            raise ValueError(f"subject must be the number a participant label ends with, got {self.subject}")
+        return self
 
     @pydantic.field_validator("image_size")
     @classmethod
@@ -172,6 +215,7 @@ class RunSeriesConfig(StrictModel):
     cleaned more than once for a whole sweep (``timecourse.py``)."""
 
     nsddata_path: Path = Path("./nsddata")
+    bids: BidsSource | None = None  # as NsdDatasetConfig's: a BIDS dataset's runs instead of NSD's
     infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
 
     @infra.apply(item_uid=lambda item: item.uid)
@@ -180,7 +224,12 @@ class RunSeriesConfig(StrictModel):
         from dynadiff.data.dataset import clean_runs
 
         setup_job_logging()
-        yield from clean_runs(self.nsddata_path, items)
+        if self.bids is not None:
+            from dynadiff.data import bids
+
+            yield from bids.clean_runs(self, items)
+        else:
+            yield from clean_runs(self.nsddata_path, items)
 
 
 class SweepGenerationConfig(StrictModel):
@@ -357,15 +406,15 @@ class TrainDataConfig(StrictModel):
         if v is not None:
             if not v:
                 raise ValueError("subjects must not be empty (use null for the one subject of nsd_dataset_config)")
-            bad = [s for s in v if s not in SUBJECTS]
-            if bad:
-                raise ValueError(f"unknown subject(s) {bad}: NSD subjects with all 40 sessions are {list(SUBJECTS)}")
             if len(set(v)) != len(v):
                 raise ValueError(f"subjects must not repeat, got {v}")
         return v
 
     @pydantic.model_validator(mode="after")
     def _first_subject(self) -> "TrainDataConfig":
+        bad = [s for s in self.subjects or () if s not in SUBJECTS]
+        if bad and self.nsd_dataset_config.bids is None:
+            raise ValueError(f"unknown subject(s) {bad}: NSD subjects with all 40 sessions are {list(SUBJECTS)}")
         if self.subjects is not None and self.nsd_dataset_config.subject != self.subjects[0]:
             raise ValueError(
                 f"nsd_dataset_config.subject ({self.nsd_dataset_config.subject}) must be the first of subjects "

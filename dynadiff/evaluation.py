@@ -220,7 +220,6 @@ def reconstruction_config(cfg: EvalConfig) -> ReconstructionConfig:
 
 def run_evaluation(cfg: EvalConfig) -> dict:
     from dynadiff import jobs
-    from dynadiff.data.dataset import load_stimulus
     from dynadiff.faces import blur_faces_batch, load_face_detector
     from dynadiff.metrics import compute_metrics
     from dynadiff.models.vd import check_vd_folder
@@ -268,7 +267,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     _write_text(out / RUN_FILE, json.dumps(run_record(cfg, checkpoint, n), indent=1))
     if cfg.blur_faces:
         recs = [np.asarray(r) for r in blur_faces_batch(recs, detector=load_face_detector(resolve_device(cfg.device)))]
-    gts = [load_stimulus(ds.root, ds.nsd_ids[i], GT_SIZE) for i in range(n)]
+    gts = [ds.image(i, GT_SIZE) for i in range(n)]
     for i in range(n):
         _save_png(recs[i], out / f"{i}.png")
         _save_png(gts[i], out / f"{i}_gt.png")

@@ -9,6 +9,7 @@ repetitions by image in order of first appearance -> average them, pick one
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import typing as tp
@@ -115,6 +116,11 @@ def clean_runs(root: Path, items: tp.Iterable[nsd.RunEvents], sessions=None) -> 
 
 def compute_run_windows(cfg: "NsdDatasetConfig", items: tp.Iterable[nsd.RunEvents]) -> tp.Iterator[np.ndarray]:
     """Windows (n_events, voxels, n_trs) float32 for each item, each run loaded and cleaned once."""
+    if cfg.bids is not None:
+        from dynadiff.data import bids
+
+        yield from bids.compute_run_windows(cfg, items)
+        return
     items = list(items)
     for item, clean in zip(items, clean_runs(Path(cfg.nsddata_path), items, cfg.sessions)):
         yield extract_windows(clean, item.volumes, cfg.offset, cfg.duration)
@@ -133,7 +139,13 @@ def list_trials(cfg: "NsdDatasetConfig", check_windows: bool = True) -> tuple[li
     error in the test split (windows are never padded), and left out of the train split (counted in a warning:
     a window far from eval.py's, e.g. for a per-offset model, cannot fit every event); off for a time course,
     which leaves such events out per offset.
+
+    A BIDS source (``cfg.bids``): :func:`dynadiff.data.bids.list_trials` (items hold onsets in seconds).
     """
+    if cfg.bids is not None:
+        from dynadiff.data import bids
+
+        return bids.list_trials(cfg, check_windows)
     root = Path(cfg.nsddata_path)
     runs = nsd.list_runs(cfg.subject, cfg.sessions)
     nsd.check_files_exist(root, runs, cfg.subject)
@@ -179,7 +191,12 @@ def data_digest(cfg: "NsdDatasetConfig") -> str:
 
     root = Path(cfg.nsddata_path)
     items, trials = list_trials(cfg)
-    designs = nsd.file_stamp([item.run.design_path(root) for item in items] + [root / nsd.TEST_IDS_FILE])
+    if cfg.bids is not None:
+        from dynadiff.data import bids
+
+        designs = nsd.file_stamp(bids.data_digest_files(cfg, items))
+    else:
+        designs = nsd.file_stamp([item.run.design_path(root) for item in items] + [root / nsd.TEST_IDS_FILE])
     h = hashlib.sha1(designs.encode())
     for item in items:
         h.update(item.uid.encode())
@@ -214,15 +231,17 @@ def select_samples(trials: tp.Sequence[Trial], split: str, averaged: bool, seed:
 class NsdDataset:
     """torch ``Dataset``: ``{"brain": (V, T) float32, "img": (3, S, S) float in [0, 1], "subject_idx": long}``.
 
-    ``nsd_ids[i]`` is the 1-based NSD id of sample ``i``; windows are read
-    from the exca cache (memory-mapped) when a sample is asked for.
+    ``nsd_ids[i]`` is the 1-based NSD id of sample ``i`` (a BIDS source's image id); windows are read
+    from the exca cache (memory-mapped) when a sample is asked for. ``image_path``: image id -> its file
+    (None: NSD's prepared PNG under ``root``).
     """
 
     def __init__(self, windows: list[np.ndarray], samples: list[list[Trial]], root: Path, image_size: int,
-                 subject_idx: int = 0) -> None:
+                 subject_idx: int = 0, image_path: tp.Callable[[int], Path] | None = None) -> None:
         self._windows = windows
         self._samples = samples
         self.root = Path(root)
+        self.image_path = image_path or functools.partial(nsd.stimulus_png, self.root)
         self.image_size = image_size
         self.subject_idx = subject_idx
         self.nsd_ids = [s[0].nsd_id for s in samples]
@@ -244,9 +263,9 @@ class NsdDataset:
             acc += self._windows[t.item][t.row]
         return (acc / len(trials)).astype(np.float32)
 
-    def image(self, index: int) -> np.ndarray:
-        """(S, S, 3) uint8: the stimulus PNG, RGB, resized with bilinear filtering."""
-        return load_stimulus(self.root, self.nsd_ids[index], self.image_size)
+    def image(self, index: int, size: int | None = None) -> np.ndarray:
+        """(S, S, 3) uint8: the stimulus, RGB, resized with bilinear filtering (to ``size``, else the config's)."""
+        return load_image(self.image_path(self.nsd_ids[index]), size or self.image_size)
 
     def __getitem__(self, index: int) -> dict:
         import torch
@@ -260,9 +279,13 @@ class NsdDataset:
 
 
 def load_stimulus(root: Path, nsd_id: int, size: int = 512) -> np.ndarray:
+    return load_image(nsd.stimulus_png(root, nsd_id), size)
+
+
+def load_image(path: Path, size: int = 512) -> np.ndarray:
+    """(size, size, 3) uint8: an image file, RGB, resized with bilinear filtering."""
     from PIL import Image
 
-    path = nsd.stimulus_png(root, nsd_id)
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
@@ -271,8 +294,17 @@ def build_dataset(cfg: "NsdDatasetConfig", subject_idx: int = 0) -> NsdDataset:
     root = Path(cfg.nsddata_path)
     items, trials = list_trials(cfg)
     if not trials:
-        raise nsd.NsdDataError(f"no {cfg.split} events for subject {cfg.subject} under {root}")
+        raise nsd.NsdDataError(f"no {cfg.split} events for subject {cfg.subject} under "
+                               f"{cfg.bids.root if cfg.bids is not None else root}")
     samples = select_samples(trials, cfg.split, cfg.averaged, cfg.seed)
+    if cfg.bids is not None:  # every image named by the events was found when the trials were listed
+        from dynadiff.data import bids
+
+        logger.info("subject %d (BIDS), %s: %d events in %d runs -> %d samples", cfg.subject, cfg.split, len(trials),
+                    len(items), len(samples))
+        windows = list(cfg.run_windows(items))
+        return NsdDataset(windows, samples, Path(cfg.bids.root), cfg.image_size, subject_idx=subject_idx,
+                          image_path=functools.partial(bids.image_path, cfg.bids))
     missing = sorted({s[0].nsd_id for s in samples if not nsd.stimulus_png(root, s[0].nsd_id).exists()})
     if missing:
         raise nsd.NsdDataError(

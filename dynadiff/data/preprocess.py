@@ -102,3 +102,55 @@ def window_seconds(start: int, stop: int, tr: float = TR) -> tuple[float, float]
     if window_bounds(0, offset, duration, tr) != (start, stop):  # cannot happen; said plainly if it does
         raise ValueError(f"no (offset, duration) gives the volumes [{start}, {stop}) with TR {tr}")
     return offset, duration
+
+
+def window_times(offset: float = 4.6, duration: float = 8.0) -> np.ndarray:
+    """Seconds after an event's onset at which its window samples the BOLD signal.
+
+    The window is defined on NSD's grid, the one the model was trained on: the volumes
+    :func:`window_bounds` gives for an event at volume 0, at TR 4/3 s. The published window
+    (4.6 s, 8.0 s) samples 4, 5.33, ..., 10.67 s after the onset. On a dataset with another TR
+    these times are read from its volumes by :func:`sample_windows`, so the same configuration
+    means the same seconds on any scanner.
+    """
+    start, end = window_bounds(0, offset, duration, TR)
+    return np.arange(start, end, dtype=np.float64) * TR
+
+
+# A sample whose position on the volume grid is within this many volumes of a volume is that volume: onsets
+# written in decimal (1.3333333 s) still hit the grid exactly, so a TR-4/3 dataset gives NSD's windows unchanged.
+_ON_GRID = 1e-4
+
+
+def sample_positions(onsets_s, times_s, tr: float) -> np.ndarray:
+    """(events, samples) positions on a run's volume grid (volume ``k`` acquired at ``k * tr`` s) of the
+    times ``onset + times_s``; positions within ``1e-4`` volumes of a whole number are snapped to it."""
+    pos = (np.asarray(onsets_s, dtype=np.float64)[:, None] + np.asarray(times_s, dtype=np.float64)[None, :]) / tr
+    whole = np.round(pos)
+    return np.where(np.abs(pos - whole) < _ON_GRID, whole, pos)
+
+
+def sample_windows(run: np.ndarray, onsets_s, times_s, tr: float) -> np.ndarray:
+    """Windows of a preprocessed run sampled at ``onset + times_s`` seconds, by linear interpolation in time.
+
+    ``run``: (voxels, time), volume ``k`` acquired at ``k * tr`` seconds; returns (n_events, voxels,
+    len(times_s)) float32. A sample between volumes ``i`` and ``i + 1`` at fraction ``f`` is
+    ``(1 - f) * run[:, i] + f * run[:, i + 1]``; one on a volume is that volume, exactly. A sample before the
+    first volume or after the last is an error, never extrapolated.
+    """
+    n_time = run.shape[1]
+    pos = sample_positions(onsets_s, times_s, tr)
+    if pos.size and (pos.min() < 0 or pos.max() > n_time - 1):
+        bad = int(np.flatnonzero((pos.min(axis=1) < 0) | (pos.max(axis=1) > n_time - 1))[0])
+        raise ValueError(f"the window of the event at {float(np.asarray(onsets_s)[bad]):.3f} s samples "
+                         f"{pos[bad, 0] * tr:.2f} .. {pos[bad, -1] * tr:.2f} s, outside the run's "
+                         f"0 .. {(n_time - 1) * tr:.2f} s")
+    out = np.empty((pos.shape[0], run.shape[0], pos.shape[1]), dtype=np.float32)
+    lo = np.minimum(np.floor(pos).astype(np.int64), n_time - 1)
+    frac = (pos - lo).astype(np.float32)
+    hi = np.minimum(lo + 1, n_time - 1)
+    for e in range(pos.shape[0]):
+        for j in range(pos.shape[1]):
+            f = frac[e, j]
+            out[e, :, j] = run[:, lo[e, j]] if f == 0 else (1 - f) * run[:, lo[e, j]] + f * run[:, hi[e, j]]
+    return out
