@@ -76,6 +76,7 @@ class NsdDatasetConfig(StrictModel):
     """
 
     nsddata_path: Path = Path("./nsddata")
+    bids: BidsSource | None = None  # None: NSD (declared before the fields whose checks depend on it)
     subject: int = 1
     split: tp.Literal["test", "train"] = "test"
     averaged: bool = False
@@ -84,30 +85,29 @@ class NsdDatasetConfig(StrictModel):
     duration: float = 8.0  # seconds
     sessions: list[int] | None = None  # None: all 40 sessions
     image_size: int = 512
-    bids: BidsSource | None = None  # None: NSD
     infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
+
+    # NSD's subjects and sessions; a BIDS dataset's are checked against its files (dynadiff.data.bids)
+    @pydantic.field_validator("subject")
+    @classmethod
+    def _known_subject(cls, v: int, info: pydantic.ValidationInfo) -> int:
+        if info.data.get("bids") is None and v not in SUBJECTS:
+            raise ValueError(f"unknown subject {v}: NSD subjects with all 40 sessions are {list(SUBJECTS)}")
+        if v < 0:
+            raise ValueError(f"subject must be the number a participant label ends with, got {v}")
+        return v
 
     @pydantic.field_validator("sessions")
     @classmethod
-    def _valid_sessions(cls, v: list[int] | None) -> list[int] | None:
+    def _valid_sessions(cls, v: list[int] | None, info: pydantic.ValidationInfo) -> list[int] | None:
         if v is not None:
             if not v:
                 raise ValueError("sessions must not be empty (use null for all sessions)")
+            bad = [s for s in v if not 1 <= s <= 40]
+            if bad and info.data.get("bids") is None:
+                raise ValueError(f"sessions must be within 1..40, got {bad}")
             v = sorted(set(v))
         return v
-
-    @pydantic.model_validator(mode="after")
-    def _known_subject_and_sessions(self) -> "NsdDatasetConfig":
-        if self.bids is None:  # NSD's subjects and sessions; a BIDS dataset's are checked against its files
-            if self.subject not in SUBJECTS:
-                raise ValueError(f"unknown subject {self.subject}: NSD subjects with all 40 sessions are "
-                                 f"{list(SUBJECTS)}")
-            bad = [s for s in self.sessions or () if not 1 <= s <= 40]
-            if bad:
-                raise ValueError(f"sessions must be within 1..40, got {bad}")
-        elif self.subject < 0:
-            raise ValueError(f"subject must be the number a participant label ends with, got {self.subject}")
-        return self
 
     @pydantic.field_validator("image_size")
     @classmethod
