@@ -337,8 +337,8 @@ class Decoder:
         from dynadiff.config import NsdDatasetConfig
 
         recorded = dict((self.checkpoint.data_config if self.checkpoint is not None else None) or {})
-        fields = {k: recorded[k] for k in ("nsddata_path", "sessions", "offset", "duration", "image_size", "infra")
-                  if k in recorded}
+        fields = {k: recorded[k] for k in ("nsddata_path", "bids", "sessions", "offset", "duration", "image_size",
+                                           "infra") if k in recorded}
         if nsddata_path is not None:
             fields["nsddata_path"] = Path(nsddata_path)
         subject = self.default_subject if subject is None else subject

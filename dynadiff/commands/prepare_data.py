@@ -4,6 +4,14 @@
     python prepare_data.py --synthetic --path ./mini_nsd            # no download: a synthetic mini-NSD
     python prepare_data.py --skip-download --path ./nsddata --images test
     python prepare_data.py --skip-download --path ./nsddata --subjects 1 2 5 7 --infra-yaml custom_infra.yaml
+    python prepare_data.py --bids ./my_study --derivatives ./my_study/derivatives/fmriprep --windows all
+    python prepare_data.py --openneuro ds004496 --path ./nod --subjects 01 --openneuro-derivatives fmriprep
+    python prepare_data.py --synthetic --format bids --tr 2 --path ./mini_bids   # the synthetic data as BIDS
+
+BIDS datasets (docs/bids.md): ``--bids DIR`` lists every chosen participant's trials, which checks the dataset
+(events, images, TRs, mask) before any run is loaded, and says what each subject has; with ``--windows`` it then
+caches their windows as for NSD. ``--openneuro`` downloads a public OpenNeuro dataset (resumable, as NSD's
+download); ``--synthetic --format bids`` writes the synthetic data as BIDS, raw and fMRIPrep-style derivatives.
 
 Steps: (1) download from S3 the time series and designs of the task runs, the
 ``roi/`` folders, ``nsd_expdesign.mat`` and ``nsd_stimuli.hdf5`` of the chosen
@@ -53,6 +61,7 @@ import time
 from pathlib import Path
 
 from dynadiff.commands import default_config
+from dynadiff.data import nsd
 from dynadiff.data.nsd import N_SESSIONS, SUBJECTS
 
 logger = logging.getLogger("prepare_data")
@@ -73,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='AWS CLI options, as one string: --no-sign-request, --profile NAME, --endpoint-url URL, --region NAME '
         '(e.g. --aws_args="--profile nsd"). Without credentials, requests are anonymous.',
     )
-    parser.add_argument("--subjects", type=int, nargs="+", default=list(SUBJECTS), choices=SUBJECTS, metavar="S",
-                        help=f"NSD subjects, among {list(SUBJECTS)} (default: all four)")
+    parser.add_argument("--subjects", nargs="+", default=None, metavar="S",
+                        help=f"NSD subjects, among {list(SUBJECTS)} (default: all four); with --bids, participants by "
+                        "the number their label ends with (default: all); with --openneuro, participant labels "
+                        "(01, CSI1; default: all)")
     parser.add_argument("--sessions", type=int, nargs="+", default=None, metavar="N",
                         help=f"download only these sessions (1..{N_SESSIONS}); default: all")
     parser.add_argument("--workers", type=int, default=None,
@@ -102,7 +113,49 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cache folder of the windows, as eval.py's --cache (default ./cache; "
                         "wins over a folder in --infra-yaml)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    bids = parser.add_argument_group("BIDS datasets (docs/bids.md)")
+    bids.add_argument("--bids", type=Path, metavar="DIR",
+                      help="a BIDS dataset instead of NSD: check every chosen participant's trials; with --windows, "
+                      "cache their windows")
+    bids.add_argument("--derivatives", type=Path, metavar="DIR",
+                      help="--bids: fMRIPrep's output folder (its desc-preproc runs and brain masks are read)")
+    bids.add_argument("--space", help="--bids --derivatives: the space of the runs read (e.g. T1w)")
+    bids.add_argument("--task", help="--bids: only the runs of this task (default: every run with events)")
+    bids.add_argument("--mask", metavar="NIFTI",
+                      help="--bids: a mask or atlas on the BOLD's grid ({subject} in the path: the participant label)")
+    bids.add_argument("--mask-labels", type=int, nargs="+", metavar="N", help="--bids --mask: the atlas labels kept "
+                      "(default: every value > 0)")
+    bids.add_argument("--image-column", metavar="NAME", help="--bids: the events.tsv column naming each trial's image "
+                      "(default: stim_file)")
+    bids.add_argument("--stimuli", type=Path, metavar="DIR", help="--bids: the images' folder (default: DIR/stimuli)")
+    bids.add_argument("--test-images", type=Path, metavar="FILE", help="--bids: the test images, one name per line "
+                      "(default: the images shown more than once)")
+    bids.add_argument("--openneuro", metavar="DSNNNNNN",
+                      help="download this public OpenNeuro dataset (s3://openneuro.org, anonymous) into --path")
+    bids.add_argument("--openneuro-derivatives", nargs="+", metavar="PIPELINE", default=None,
+                      help="--openneuro: also these derivatives (e.g. fmriprep)")
+    bids.add_argument("--format", choices=("nsd", "bids"), default="nsd",
+                      help="--synthetic: NSD's layout (default) or BIDS (raw and fMRIPrep-style derivatives)")
+    bids.add_argument("--tr", type=float, default=None, metavar="SECONDS",
+                      help="--synthetic --format bids: seconds per volume (default 4/3, NSD's)")
     return parser
+
+
+BIDS_FLAGS = {"derivatives": "derivatives", "space": "space", "task": "task", "mask": "mask",
+              "mask_labels": "mask_labels", "image_column": "image_column", "stimuli": "stimuli",
+              "test_images": "test_images"}  # flag (attribute) -> BidsSource field
+
+
+def bids_source(args: argparse.Namespace) -> dict | None:
+    """The ``data.nsd_dataset_config.bids`` mapping of ``--bids`` and its flags (None without ``--bids``)."""
+    if args.bids is None:
+        return None
+    out = {"root": str(Path(args.bids).absolute())}
+    for flag, field in BIDS_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            out[field] = str(Path(value).absolute()) if isinstance(value, Path) else value
+    return out
 
 
 def _join_aws_args(argv: list[str]) -> list[str]:
@@ -136,6 +189,8 @@ def windows_config(args: argparse.Namespace, subject: int, split: str, sessions:
     key = "data.nsd_dataset_config"
     overrides += [f"{key}.nsddata_path={json.dumps(str(args.path))}", f"{key}.subject={subject}",
                   f"{key}.split={split}", f"{key}.sessions={json.dumps(sessions)}"]
+    if args.bids is not None:
+        overrides.append(f"{key}.bids={json.dumps(bids_source(args))}")
     if args.cache is not None:
         overrides.append(f"{key}.infra.folder={json.dumps(str(args.cache))}")
     return apply_overrides(EvalConfig, load_yaml(DEFAULT_CONFIG), overrides).data.nsd_dataset_config
@@ -259,10 +314,135 @@ def prepare_windows(plans: list[_SubjectWindows]) -> int:
     return 0
 
 
+def nsd_subjects(parser: argparse.ArgumentParser, given: list[str] | None) -> list[int]:
+    """``--subjects`` as NSD subject numbers (default: all four), sorted; a usage error for any other."""
+    if given is None:
+        return list(SUBJECTS)
+    out = set()
+    for text in given:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value not in SUBJECTS:
+            parser.error(f"argument --subjects: invalid choice: {text} (choose from {', '.join(map(str, SUBJECTS))})")
+        out.add(value)
+    return sorted(out)
+
+
+def main_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--openneuro`` (download), ``--synthetic --format bids`` (write), then ``--bids`` (check, windows)."""
+    from dynadiff.data import bids
+    from dynadiff.data.download import DownloadError
+
+    modes = [name for name, on in (("--bids", args.bids is not None), ("--openneuro", args.openneuro is not None),
+                                   ("--synthetic", args.synthetic)) if on]
+    if len(modes) > 1:
+        parser.error(f"{' and '.join(modes)} cannot be combined: --openneuro downloads a dataset, --synthetic writes "
+                     "one, --bids reads one (run them one after the other)")
+    if args.format == "bids" and not args.synthetic:
+        parser.error("--format chooses the layout --synthetic writes: add --synthetic")
+    nsd_only = [flag for flag, on in (("--nsd_bucket", args.nsd_bucket), ("--skip-download", args.skip_download),
+                                      ("--download-only", args.download_only), ("--images", args.images != "subjects"))
+                if on]
+    if nsd_only:
+        parser.error(f"{', '.join(nsd_only)}: NSD's options, not for {modes[0] if modes else '--format bids'}")
+    if args.tr is not None and not args.synthetic:
+        parser.error("--tr is the TR of the synthetic data: it needs --synthetic --format bids")
+    if args.tr is not None and not 0.1 <= args.tr <= 10:  # also refuses nan
+        parser.error(f"--tr must be within [0.1, 10] seconds, got {args.tr}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not 0 < args.hrf_peak_s <= 20:
+        parser.error(f"--hrf-peak-s must be within (0, 20] seconds, got {args.hrf_peak_s}")
+    if args.openneuro is not None:
+        if args.windows or args.infra_yaml is not None or args.cache is not None:
+            parser.error("--openneuro only downloads: compute the windows next, with --bids (the command it prints)")
+        try:
+            from dynadiff.data.download import download_openneuro
+
+            download_openneuro(args.openneuro, Path(args.path), subjects=args.subjects,
+                               derivatives=args.openneuro_derivatives, workers=args.workers or 16,
+                               max_bandwidth=args.max_bandwidth)
+        except (DownloadError, bids.BidsDataError, ValueError) as e:
+            logger.error("%s", e)
+            return 1
+        except KeyboardInterrupt:
+            logger.error("interrupted: run the same command again to resume")
+            return 130
+        deriv = "".join(f" --derivatives {Path(args.path) / 'derivatives' / d}" for d in
+                        (args.openneuro_derivatives or [])[:1])
+        logger.info("done: %s in %s; check it and cache its windows with: python prepare_data.py --bids %s%s "
+                    "--windows all (docs/bids.md: the mask and test images of each dataset)", args.openneuro,
+                    args.path, args.path, deriv)
+        return 0
+    if args.synthetic:
+        from dynadiff.data.synthetic_bids import write_synthetic_bids
+        from dynadiff.data.synthetic import check_target
+
+        subjects = nsd_subjects(parser, args.subjects)
+        try:
+            check_target(args.path)
+            info = write_synthetic_bids(args.path, subjects=subjects, seed=args.seed, hrf_peak_s=args.hrf_peak_s,
+                                        **({"tr": args.tr} if args.tr is not None else {}))
+        except bids.BidsDataError as e:
+            logger.error("%s", e)
+            return 1
+        except nsd.NsdDataError as e:
+            logger.error("--path: %s", e)
+            return 1
+        logger.info("synthetic data written as BIDS to %s (subjects %s, TR %.4g s); use it with: %s", args.path,
+                    info["subjects"], info["tr"], " ".join(info["overrides"]))
+        root = Path(args.path).absolute()
+        args.bids, args.derivatives = root, root / "derivatives" / "fmriprep"
+        args.mask = str(root / "derivatives/fmriprep/sub-{subject}/anat/sub-{subject}_space-T1w_desc-nsdgeneral_mask.nii.gz")
+        args.test_images = root / "code" / "test_images.txt"
+        if not window_splits(args):
+            return 0
+    return check_bids(args, parser)
+
+
+def check_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """List every chosen participant's trials (which checks the dataset), say what each has, then the windows."""
+    from dynadiff.cli import ConfigError
+    from dynadiff.data import bids
+
+    splits = window_splits(args)
+    sessions = sorted(set(args.sessions)) if args.sessions is not None else None
+    try:
+        source = windows_config(args, 0, "test", sessions).bids
+        layout = bids.open_layout(source)
+        if args.subjects is None:
+            numbers = [bids._label_number(label) for label in sorted(layout.get_subjects())]
+            subjects = sorted(n for n in numbers if n is not None)
+        else:
+            try:
+                subjects = sorted({int(s) for s in args.subjects})
+            except ValueError:
+                parser.error(f"--subjects with --bids: the numbers the participant labels end with, got {args.subjects}")
+        if not subjects:
+            raise bids.BidsDataError(f"{args.bids} has no participant whose label ends with a number")
+        for subject in subjects:
+            logger.info("subject %d: %s", subject, bids.describe(windows_config(args, subject, "test", sessions)))
+        if splits:
+            code = prepare_windows(plan_windows(args, subjects, splits, sessions))
+            if code:
+                return code
+    except (bids.BidsDataError, nsd.NsdDataError) as e:
+        logger.error("%s", e)
+        return 1
+    except ConfigError as e:
+        logger.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted: run the same command again to compute only what is missing")
+        return 130
+    logger.info("done: BIDS dataset %s checked%s", args.bids, f", windows cached ({', '.join(splits)})" if splits else "")
+    return 0
+
+
 def check_path(args: argparse.Namespace, download: bool) -> None:
     """Raise NsdDataError when ``--path`` cannot be used by the chosen steps; checked before anything is written."""
-    from dynadiff.data import nsd
-
     if args.synthetic:
         from dynadiff.data.synthetic import check_target
 
@@ -285,6 +465,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from dynadiff.data.download import DownloadError, download_nsd, parse_aws_args, parse_bucket_url
 
+    if args.bids is not None or args.openneuro is not None or args.format == "bids":
+        return main_bids(args, parser)
+    bids_only = [f"--{flag.replace('_', '-')}" for flag in [*BIDS_FLAGS, "openneuro_derivatives", "tr"]
+                 if getattr(args, flag) is not None]
+    if bids_only:
+        parser.error(f"{', '.join(bids_only)}: BIDS options, for --bids, --openneuro or --synthetic --format bids")
+    subjects = nsd_subjects(parser, args.subjects)
     if args.synthetic and (args.nsd_bucket or args.skip_download or args.download_only):
         parser.error("--synthetic writes the data itself: it cannot be combined with --nsd_bucket, "
                      "--skip-download or --download-only")
@@ -310,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
     splits = window_splits(args)
     if args.cache is not None and not splits:
         parser.error("--cache is the cache of the fMRI windows: add --windows (or --infra-yaml)")
-    subjects = sorted(set(args.subjects))
     if download:
         try:
             parse_bucket_url(args.nsd_bucket)

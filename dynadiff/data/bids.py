@@ -406,3 +406,18 @@ def data_digest_files(cfg: "NsdDatasetConfig", items) -> list[Path]:
     """The files besides the runs that decide the trials: the events and the test list."""
     files = [item.run.events for item in items]
     return files + ([Path(cfg.bids.test_images)] if cfg.bids.test_images is not None else [])
+
+
+def describe(cfg: "NsdDatasetConfig") -> str:
+    """What a participant has, in one line: runs and TRs, test images and events, train events, voxels (listing
+    both splits checks every file the windows need; no run is loaded)."""
+    test_items, test_trials = list_trials(cfg.model_copy(update={"split": "test"}))
+    train_items, train_trials = list_trials(cfg.model_copy(update={"split": "train"}))
+    runs = {item.run.uid: item.run for item in test_items + train_items}
+    trs = sorted({f"{run.tr:g}" for run in runs.values()})
+    masks = {run.mask for run in runs.values()}
+    voxels = sorted({int(load_mask(m, cfg.bids.mask_labels).sum()) for m in masks})
+    label = next(iter(runs.values())).subject if runs else "?"
+    return (f"sub-{label}: {len(runs)} runs (TR {', '.join(trs)} s), {len({t.nsd_id for t in test_trials})} test "
+            f"images ({len(test_trials)} events), {len(train_trials)} train events "
+            f"({len({t.nsd_id for t in train_trials})} images), {'/'.join(map(str, voxels))} voxels in the mask")

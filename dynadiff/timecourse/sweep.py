@@ -63,7 +63,6 @@ def run_timecourse(decoders: tp.Sequence[SweepModel], offsets: tp.Sequence[int] 
     ``generalization`` each at every one's offset too (train time x test time).
     """
     from dynadiff import jobs
-    from dynadiff.data.dataset import load_stimulus
     from dynadiff.evaluation import GT_SIZE, EvaluationError, resolve_device
     from dynadiff.faces import blur_faces_batch, load_face_detector
     from dynadiff.files import exclusive, save_png, write_text
@@ -118,7 +117,7 @@ def run_timecourse(decoders: tp.Sequence[SweepModel], offsets: tp.Sequence[int] 
             keys = list(images)
             images = {k: np.asarray(v) for k, v in zip(keys, blur_faces_batch([images[k] for k in keys],
                                                                                detector=detector))}
-        gts = {i: load_stimulus(data.root, data.nsd_ids[i], GT_SIZE) for i in range(n)}
+        gts = {i: data.image(i, GT_SIZE) for i in range(n)}
 
         def measure(j: int, k: int) -> dict:
             p, window = plans[(j, k)], decoders[j].window

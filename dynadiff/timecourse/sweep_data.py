@@ -24,7 +24,7 @@ class SweepData:
         from dynadiff.data.dataset import list_trials, select_samples
 
         self.cfg = nsd_cfg
-        self.root = Path(nsd_cfg.nsddata_path)
+        self.root = Path(nsd_cfg.nsddata_path if nsd_cfg.bids is None else nsd_cfg.bids.root)
         items, trials = list_trials(nsd_cfg, check_windows=False)
         if not trials:
             raise nsd.NsdDataError(f"no test events for subject {nsd_cfg.subject} under {self.root}")
@@ -40,17 +40,42 @@ class SweepData:
         infra.pop("version", None)
         # whole runs are large (about 14 MB each for NSD's 15.7k voxels): read back memory-mapped, never all in RAM
         infra["keep_in_ram"] = False
-        return RunSeriesConfig(nsddata_path=self.cfg.nsddata_path, infra=infra)
+        return RunSeriesConfig(nsddata_path=self.cfg.nsddata_path, bids=self.cfg.bids, infra=infra)
+
+    def image(self, index: int, size: int) -> np.ndarray:
+        """(size, size, 3) uint8: the stimulus of sample ``index``."""
+        from dynadiff.data import bids, nsd
+        from dynadiff.data.dataset import load_image
+
+        image_id = self.nsd_ids[index]
+        return load_image(bids.image_path(self.cfg.bids, image_id) if self.cfg.bids is not None
+                          else nsd.stimulus_png(self.root, image_id), size)
 
     @property
     def n_voxels(self) -> int:
         return int(self._series[0].shape[0])
 
-    def onset(self, trial) -> int:
+    def onset(self, trial) -> int | float:
+        """The trial's onset: a volume (NSD), or seconds (a BIDS source, whose runs have their own TR)."""
         return self.items[trial.item].volumes[trial.row]
+
+    def _times(self, offset: int, n_trs: int) -> np.ndarray:
+        """A BIDS source's window at ``offset`` in seconds after the onset: NSD's volumes ``offset ..
+        offset + n_trs - 1`` after it, at NSD's TR (as :func:`dynadiff.data.preprocess.window_times`)."""
+        from dynadiff.data.preprocess import TR
+
+        return (offset + np.arange(n_trs)) * TR
 
     def usable(self, index: int, offset: int, n_trs: int) -> list:
         """The repetitions of sample ``index`` whose window at ``offset`` lies within their run."""
+        if self.cfg.bids is not None:
+            from dynadiff.data.preprocess import sample_positions
+
+            def inside(t) -> bool:
+                pos = sample_positions([self.onset(t)], self._times(offset, n_trs), self.items[t.item].run.tr)
+                return pos.min() >= 0 and pos.max() <= self._series[t.item].shape[1] - 1
+
+            return [t for t in self.samples[index] if inside(t)]
         return [t for t in self.samples[index] if 0 <= self.onset(t) + offset and
                 self.onset(t) + offset + n_trs <= self._series[t.item].shape[1]]
 
@@ -61,6 +86,12 @@ class SweepData:
             raise ValueError(f"sample {index} has no window within its run at offset {offset}")
         acc = np.zeros((self.n_voxels, n_trs), dtype=np.float64)
         for t in trials:
+            if self.cfg.bids is not None:
+                from dynadiff.data.preprocess import sample_windows
+
+                acc += sample_windows(self._series[t.item], [self.onset(t)], self._times(offset, n_trs),
+                                      self.items[t.item].run.tr)[0]
+                continue
             start = self.onset(t) + offset
             acc += self._series[t.item][:, start:start + n_trs]
         return (acc / len(trials)).astype(np.float32)

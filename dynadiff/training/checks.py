@@ -29,7 +29,6 @@ def slurm_restarts() -> int:
 def check_inputs(cfg: TrainConfig) -> None:
     """The run's folders, before anything is loaded or written: a :class:`TrainingError` (or, for the Versatile
     Diffusion folder, a FileNotFoundError) of one line naming the first bad one and what to do."""
-    from dynadiff.data import nsd
     from dynadiff.models.vd import check_vd_folder
 
     out = Path(cfg.output_dir)
@@ -41,6 +40,24 @@ def check_inputs(cfg: TrainConfig) -> None:
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise TrainingError(f"the cache folder {folder} (--cache, or {key}) is a file, not a folder: "
                                 "give a folder (created if missing)")
+    if cfg.data.nsd_dataset_config.bids is not None:
+        from dynadiff.data import bids
+
+        try:
+            layout = bids.open_layout(cfg.data.nsd_dataset_config.bids)
+            for subject in cfg.subjects:
+                bids.subject_label(layout, subject)
+        except bids.BidsDataError as e:
+            raise TrainingError(str(e)) from None
+    else:
+        _check_nsd_folder(cfg)
+    vd = cfg.versatilediffusion_config
+    check_vd_folder(vd.vd_cache_dir, ("image_unet", "vae", "scheduler") + (("text_unet",) if vd.dual_attention else ()))
+
+
+def _check_nsd_folder(cfg: TrainConfig) -> None:
+    from dynadiff.data import nsd
+
     root = Path(cfg.data.nsd_dataset_config.nsddata_path)
     if not root.is_dir():
         raise TrainingError(f"the NSD data folder {root} does not exist (data.nsd_dataset_config.nsddata_path): "
@@ -53,8 +70,6 @@ def check_inputs(cfg: TrainConfig) -> None:
                    if nsd.is_synthetic(root) else nsd.fetch_command(root, [subject]))
             raise TrainingError(f"subject {subject} is not in the NSD data at {root} (no {folders[0]}): "
                                 f"get it with `{get}`, or leave it out of --subjects")
-    vd = cfg.versatilediffusion_config
-    check_vd_folder(vd.vd_cache_dir, ("image_unet", "vae", "scheduler") + (("text_unet",) if vd.dual_attention else ()))
 
 
 def _read_last(last: Path) -> ResumeState:

@@ -217,3 +217,48 @@ def test_raw_runs_without_a_mask_and_unknown_subjects_are_said(tmp_path):
     cfg = NsdDatasetConfig(subject=3, bids=BidsSource(root=root, mask=str(root / "mask.nii.gz")))
     _one_line_error(cfg, "no participant", "ending in 3", "labels: 01")
     _one_line_error(_cfg(tmp_path / "nothing"), "does not exist")
+
+
+# --- prepare_data.py --bids ----------------------------------------------------------------------------------
+
+
+def test_prepare_data_bids_checks_then_caches_the_windows_eval_reads(tmp_path, caplog):
+    import logging
+
+    from dynadiff.data.dataset import build_dataset
+    from scripts import load_script
+
+    prepare_data = load_script("prepare_data")
+    root = write_tiny_bids(tmp_path / "ds")
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO):
+        code = prepare_data.main(["--bids", str(root), "--mask", str(root / "mask.nii.gz"), "--windows", "all",
+                                  "--cache", str(cache)])
+    assert code == 0
+    assert ("sub-01: 2 runs (TR 2 s), 2 test images (4 events), 3 train events (3 images), 7 voxels in the mask"
+            in caplog.text)
+    # the windows are in the cache a data config with the same source finds: read back without computing
+    cfg = prepare_data.windows_config(prepare_data.build_parser().parse_args(
+        ["--bids", str(root), "--mask", str(root / "mask.nii.gz"), "--cache", str(cache)]), 1, "test", None)
+    assert Path(cfg.infra.folder) == cache
+    items, _ = list_trials(cfg)
+    from dynadiff import jobs
+
+    assert jobs.missing_items(cfg.infra, items) == []
+    assert len(build_dataset(cfg)) == 2
+
+
+def test_prepare_data_bids_bad_input_exits_1_with_its_line(tmp_path, caplog):
+    from scripts import load_script
+
+    prepare_data = load_script("prepare_data")
+    root = write_tiny_bids(tmp_path / "ds", tr=2.0, header_tr=1.5)
+    code = prepare_data.main(["--bids", str(root), "--mask", str(root / "mask.nii.gz")])
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "header says 1.5 s" in errors[0]
+    with pytest.raises(SystemExit) as info:
+        prepare_data.main(["--bids", str(root), "--nsd_bucket", "s3://x"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--skip-download", "--path", str(root), "--mask", "m.nii.gz"])  # a BIDS flag, no --bids
