@@ -46,19 +46,20 @@ def s3_env(monkeypatch, tmp_path):
     return dict(S3_DUMMY_ENV)
 
 
-@pytest.fixture
-def s3_make_bucket(s3_server, s3_env):
-    """``make(objects, public=False, multipart=()) -> bucket``: a fresh bucket holding ``objects``.
+@pytest.fixture(scope="session")
+def s3_fill(s3_server):
+    """``fill(bucket, objects, public=False, multipart=()) -> bucket``: create ``bucket`` holding ``objects``.
 
     ``objects`` maps key → bytes or a local Path; keys in ``multipart`` are uploaded in 2 parts
-    (so their ETag is not an MD5). ``public`` adds a policy allowing anonymous reads.
+    (so their ETag is not an MD5). ``public`` adds a policy allowing anonymous reads. Session-wide (dummy
+    credentials of its own), so that a module can fill one bucket for all its tests.
     """
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                          **{name.lower(): value for name, value in S3_DUMMY_ENV.items() if "REGION" not in name})
 
-    def make(objects: dict, public: bool = False, multipart=()) -> str:
-        bucket = f"nsd-{uuid.uuid4().hex[:12]}"
+    def fill(bucket: str, objects: dict, public: bool = False, multipart=()) -> str:
         client.create_bucket(Bucket=bucket)
         for key, body in objects.items():
             data = Path(body).read_bytes() if isinstance(body, Path) else body
@@ -86,6 +87,17 @@ def s3_make_bucket(s3_server, s3_env):
             }
             client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
         return bucket
+
+    return fill
+
+
+@pytest.fixture
+def s3_make_bucket(s3_fill, s3_env):
+    """``make(objects, public=False, multipart=()) -> bucket``: a fresh bucket holding ``objects`` (see
+    ``s3_fill``), and dummy credentials in the environment (``s3_env``)."""
+
+    def make(objects: dict, public: bool = False, multipart=()) -> str:
+        return s3_fill(f"nsd-{uuid.uuid4().hex[:12]}", objects, public=public, multipart=multipart)
 
     return make
 

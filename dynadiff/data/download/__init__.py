@@ -1,4 +1,4 @@
-"""Download the NSD files Dynadiff needs from S3 (docs/behaviour.md §1), resumably.
+"""Download the NSD files Dynadiff needs from S3 (docs/behaviour.md §1), or an OpenNeuro dataset, resumably.
 
 One module a job:
 
@@ -7,7 +7,9 @@ One module a job:
 - :mod:`.objects`: the resumable, retried, verified download of one object (``download_object``);
 - :mod:`.manifest`: resume state, i.e. which local files are complete, and the manifest of verified ones;
 - :mod:`.progress`: progress-bar updates and the run's :class:`DownloadSummary`;
-- :mod:`.run`: the whole download as ``prepare_data.py`` runs it (``download_nsd``);
+- :mod:`.run`: the whole download as ``prepare_data.py`` runs it: the one fetch loop (``run_download``) and NSD's
+  download (``download_nsd``);
+- :mod:`.openneuro`: an OpenNeuro dataset (BIDS) from ``s3://openneuro.org`` (``download_openneuro``), same loop;
 - :mod:`.errors`: :class:`DownloadError` and the exceptions that steer a run.
 
 Resuming: a local file with the object's size (and its MD5 when the ETag is a
@@ -27,6 +29,7 @@ from dynadiff.data.download.errors import _Cancelled as _Cancelled
 from dynadiff.data.download.manifest import MANIFEST_FILE
 from dynadiff.data.download.objects import PART_SUFFIX, download_object
 from dynadiff.data.download.objects import _RateLimiter as _RateLimiter
+from dynadiff.data.download.openneuro import OPENNEURO_BUCKET_URL, download_openneuro
 from dynadiff.data.download.plan import (
     RemoteObject,
     check_relative_key,
@@ -48,6 +51,7 @@ from dynadiff.files import part_path
 __all__ = [
     "DEFAULT_BUCKET",
     "MANIFEST_FILE",
+    "OPENNEURO_BUCKET_URL",
     "PART_SUFFIX",
     "SUPPORTED_AWS_ARGS",
     "AwsOptions",
@@ -57,6 +61,7 @@ __all__ = [
     "check_relative_key",
     "download_nsd",
     "download_object",
+    "download_openneuro",
     "make_s3_client",
     "needed_files",
     "parse_aws_args",

@@ -1,6 +1,9 @@
-"""Which NSD objects to fetch (docs/behaviour.md §1), and where each goes under the local root.
+"""Which objects to fetch, and where each goes under the local root.
 
-What is fetched for each chosen subject:
+Every plan (this NSD one, OpenNeuro's in :mod:`.openneuro`) turns the keys it wants into
+:class:`RemoteObject` with :func:`checked_objects`, which refuses keys whose local path would leave the root.
+
+NSD (docs/behaviour.md §1), what is fetched for each chosen subject:
 
 - the time series and design TSV of every *task* run that
   :func:`dynadiff.data.nsd.list_runs` gives (never the resting-state runs);
@@ -90,43 +93,49 @@ def check_relative_key(rel: str, key: str, root: Path) -> None:
         )
 
 
+def checked_objects(wanted: dict[str, str], listed: dict[str, tuple[int, str]], root: Path) -> list[RemoteObject]:
+    """The objects to fetch, ``wanted`` mapping each listed key to its local path relative to ``root``.
+
+    Raises one :class:`DownloadError` naming every key whose local path could leave ``root``
+    (:func:`check_relative_key`), before anything is fetched.
+    """
+    objects, unsafe = [], []
+    for key, rel in wanted.items():
+        try:
+            check_relative_key(rel, key, root)
+        except DownloadError:
+            unsafe.append(key)
+            continue
+        objects.append(RemoteObject(key, rel, *listed[key]))
+    if unsafe:
+        raise DownloadError(
+            f"refusing {len(unsafe)} S3 key(s) whose local path could resolve outside {root} "
+            "('..', '.', absolute or drive components): " + ", ".join(repr(k) for k in unsafe)
+        )
+    return objects
+
+
 def plan_download(
     client, bucket: str, prefix: str, root: Path, subjects: tp.Iterable[int], sessions: tp.Iterable[int] | None = None
 ) -> list[RemoteObject]:
-    """List the bucket and return every object to fetch; raise listing all missing or unsafe keys."""
+    """List the bucket and return every NSD object to fetch; raise listing all missing or unsafe keys."""
     files, folders = needed_files(subjects, sessions)
     listed: dict[str, tuple[int, str]] = {}
     for folder in sorted({k.rsplit("/", 1)[0] + "/" if "/" in k else "" for k in files} | set(folders)):
         listed.update(_list_prefix(client, bucket, prefix + folder))
 
-    objects, missing, unsafe = [], [], []
+    wanted, missing = {}, []
     for key, rel in files.items():
         if prefix + key in listed:
-            objects.append(RemoteObject(prefix + key, rel, *listed[prefix + key]))
+            wanted[prefix + key] = rel
         else:
             missing.append(prefix + key)
     for folder in folders:
         content = sorted(k for k in listed if k.startswith(prefix + folder) and not k.endswith("/"))
         if not content:
             missing.append(prefix + folder + "*")
-        for key in content:
-            rel = key[len(prefix) :]
-            try:
-                check_relative_key(rel, key, root)
-            except DownloadError:
-                unsafe.append(key)
-                continue
-            objects.append(RemoteObject(key, rel, *listed[key]))
-    for obj in objects:  # the fixed keys are ours, but a prefix could still be odd
-        try:
-            check_relative_key(obj.rel, obj.key, root)
-        except DownloadError:
-            unsafe.append(obj.key)
-    if unsafe:
-        raise DownloadError(
-            f"refusing {len(unsafe)} S3 key(s) whose local path could resolve outside {root} "
-            "('..', '.', absolute or drive components): " + ", ".join(repr(k) for k in unsafe)
-        )
+        wanted.update((key, key[len(prefix) :]) for key in content)
+    objects = checked_objects(wanted, listed, root)
     if missing:
         shown = "\n  ".join(f"s3://{bucket}/{k}" for k in missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""

@@ -1,10 +1,10 @@
-"""The whole NSD download, as ``prepare_data.py`` runs it: :func:`download_nsd`.
+"""The whole download, as ``prepare_data.py`` runs it: :func:`run_download`, and NSD's, :func:`download_nsd`.
 
-Checks the options and the target folder, plans (:mod:`.plan`), verifies the
-files already there (:mod:`.manifest`), then fetches the rest on a thread pool
-(:mod:`.objects`), largest first, with progress bars (:mod:`.progress`). A file
-whose retries ran out is reported at the end, after the others; an access error
-or Ctrl-C stops every worker, which removes its temporary file.
+:func:`run_download` is the one fetch loop of every source (NSD here, OpenNeuro in :mod:`.openneuro`): it
+checks the options and the target folder, plans (the source's plan, e.g. :mod:`.plan`), verifies the files
+already there (:mod:`.manifest`), then fetches the rest on a thread pool (:mod:`.objects`), largest first, with
+progress bars (:mod:`.progress`). A file whose retries ran out is reported at the end, after the others; an
+access error or Ctrl-C stops every worker, which removes its temporary file.
 """
 
 from __future__ import annotations
@@ -60,21 +60,50 @@ def download_nsd(
     :class:`~dynadiff.data.nsd.NsdDataError`, before any request, when ``root`` cannot be written to or holds
     a synthetic mini-NSD (real files would be mixed with it).
     """
+    bucket, prefix = parse_bucket_url(bucket_url)
+    root = Path(root)
+    subjects = [check_subject(s) for s in subjects]
+
+    def plan(client) -> list[RemoteObject]:
+        logger.info("listing s3://%s/%s for subject(s) %s", bucket, prefix, subjects)
+        return plan_download(client, bucket, prefix, root, subjects, sessions)
+
+    return run_download(
+        bucket, root, plan, check_target=check_download_target, aws_args=aws_args, workers=workers,
+        max_bandwidth=max_bandwidth, retries=retries, client=client, label="NSD download",
+    )
+
+
+def run_download(
+    bucket: str,
+    root: Path,
+    plan: tp.Callable[[tp.Any], list[RemoteObject]],
+    *,
+    check_target: tp.Callable[[Path], tp.Any],
+    aws_args: str | AwsOptions = "",
+    workers: int = 16,
+    max_bandwidth: float | None = None,
+    retries: int = 5,
+    client=None,
+    label: str = "download",
+) -> DownloadSummary:
+    """Fetch into ``root`` the objects of ``bucket`` that ``plan(client)`` returns, resuming what is there.
+
+    ``check_target(root)`` raises, before any request, when ``root`` must not be written to; ``client`` (default:
+    :func:`make_s3_client` of ``aws_args``) serves the plan and the transfers; ``label`` names the progress bar
+    and the summary's log line. ``max_bandwidth`` caps the total throughput in bytes per second (None: no cap).
+    """
     start = time.monotonic()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if max_bandwidth is not None and max_bandwidth <= 0:
         raise ValueError(f"max_bandwidth must be positive, got {max_bandwidth}")
-    bucket, prefix = parse_bucket_url(bucket_url)
     options = aws_args if isinstance(aws_args, AwsOptions) else parse_aws_args(aws_args)
     root = Path(root)
-    subjects = [check_subject(s) for s in subjects]
-    check_download_target(root)
+    check_target(root)
     if client is None:
         client = make_s3_client(options, max_connections=workers)
-
-    logger.info("listing s3://%s/%s for subject(s) %s", bucket, prefix, subjects)
-    objects = plan_download(client, bucket, prefix, root, subjects, sessions)
+    objects = plan(client)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -95,7 +124,7 @@ def download_nsd(
     fetching: dict[cf.Future, RemoteObject] = {}
     saved_at = time.monotonic()
     limiter = _RateLimiter(max_bandwidth) if max_bandwidth else None
-    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nsd-download") as pool:
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
         try:
             # 1. files with the right size and an MD5 ETag, not yet in the manifest: hash them
             to_verify = [by_rel[r] for r, s in states.items() if s == "verify"]
@@ -122,7 +151,7 @@ def download_nsd(
                 len(to_fetch), _human(sum(o.size for o in to_fetch)), summary.skipped,
             )
             with tqdm(total=sum(o.size for o in to_fetch), unit="B", unit_scale=True, unit_divisor=1024,
-                      desc="NSD download") as bar:
+                      desc=label) as bar:
                 progress = _locked(bar, lock)
                 fetching = futures = {
                     pool.submit(
@@ -164,5 +193,5 @@ def download_nsd(
             f"{len(failed)} file(s) could not be downloaded ({summary}); run the same command again to resume. "
             "Failed: " + ", ".join(failed[:20]) + (" ..." if len(failed) > 20 else "")
         )
-    logger.info("NSD download: %s", summary)
+    logger.info("%s: %s", label, summary)
     return summary

@@ -1,4 +1,4 @@
-"""The S3 side of the NSD download: ``--aws_args`` and ``--nsd_bucket`` parsing, the boto3 client, listing.
+"""The S3 side of a download: ``--aws_args`` and ``--nsd_bucket`` parsing, the boto3 client, listing.
 
 ``--aws_args`` takes the few AWS CLI options listed in :data:`SUPPORTED_AWS_ARGS`, mapped onto boto3
 (:class:`AwsOptions`); without credentials the client sends anonymous (unsigned) requests. A refused
@@ -69,13 +69,13 @@ def parse_aws_args(text: str | None) -> AwsOptions:
     return AwsOptions(**values)
 
 
-def parse_bucket_url(url: str) -> tuple[str, str]:
-    """``s3://bucket[/prefix]`` → (bucket, prefix ending with '/' or empty)."""
+def parse_bucket_url(url: str, option: str = "--nsd_bucket") -> tuple[str, str]:
+    """``s3://bucket[/prefix]`` → (bucket, prefix ending with '/' or empty); ``option`` names it in errors."""
     match = re.fullmatch(r"s3://([^/]+)(?:/(.*))?", url.strip())
     if match is None or not match.group(1):
-        raise ValueError(f"--nsd_bucket should look like s3://bucket[/prefix], got {url!r}")
+        raise ValueError(f"{option} should look like s3://bucket[/prefix], got {url!r}")
     if not _BUCKET_NAME.fullmatch(match.group(1)):  # what botocore accepts (it would fail with a long message)
-        raise ValueError(f"--nsd_bucket: {match.group(1)!r} is not a bucket name (letters, digits, '.', '-' and '_' "
+        raise ValueError(f"{option}: {match.group(1)!r} is not a bucket name (letters, digits, '.', '-' and '_' "
                          f"only, e.g. {NSD_BUCKET_URL}), got {url!r}")
     prefix = (match.group(2) or "").strip("/")
     return match.group(1), f"{prefix}/" if prefix else ""
@@ -122,13 +122,28 @@ def make_s3_client(options: AwsOptions, max_connections: int = 16):
 
 def _list_prefix(client, bucket: str, prefix: str) -> dict[str, tuple[int, str]]:
     """key → (size, etag) of every object under a prefix."""
+    return _list(client, bucket, prefix)[0]
+
+
+def _list_level(client, bucket: str, prefix: str) -> tuple[dict[str, tuple[int, str]], list[str]]:
+    """One level under a prefix ending with '/', as ``ls`` shows it: (key → (size, etag) of the objects directly
+    under it, names of its sub-folders without the trailing '/'). Folder markers (keys ending with '/') are left out."""
+    files, folders = _list(client, bucket, prefix, delimiter="/")
+    files = {k: v for k, v in files.items() if not k.endswith("/")}
+    return files, sorted(f[len(prefix) :].rstrip("/") for f in folders)
+
+
+def _list(client, bucket: str, prefix: str, delimiter: str = "") -> tuple[dict[str, tuple[int, str]], list[str]]:
+    """(key → (size, etag) of the objects under a prefix, common prefixes when ``delimiter`` is given)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    found = {}
+    found, folders = {}, []
+    request = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in client.get_paginator("list_objects_v2").paginate(**request):
             for item in page.get("Contents", []):
                 found[item["Key"]] = (int(item["Size"]), item.get("ETag", "").strip('"'))
+            folders += [item["Prefix"] for item in page.get("CommonPrefixes", [])]
     except ClientError as e:
         err = e.response.get("Error", {})
         raise DownloadError(
@@ -137,7 +152,7 @@ def _list_prefix(client, bucket: str, prefix: str) -> dict[str, tuple[int, str]]
         ) from e
     except BotoCoreError as e:
         raise DownloadError(f"cannot list s3://{bucket}/{prefix}: {e}") from e
-    return found
+    return found, folders
 
 
 def _access_hint(code) -> str:
