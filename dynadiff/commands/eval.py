@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """eval.py's options (but --compute-miou), which timecourse.py shares."""
-    p.add_argument("--subject", type=int, choices=[1, 2, 5, 7], help="NSD subject (default: from the config, 1)")
+    p.add_argument("--subject", type=int,
+                   help="NSD subject: 1, 2, 5 or 7 (default: from the config, 1); with a BIDS source, the "
+                   "participant whose label ends with it")
     p.add_argument("--averaged-trial", action="store_true", help="average the repetitions of each test image")
     p.add_argument("--cache", type=Path, help="cache and output folder (default ./cache)")
     p.add_argument("--seed", type=int, help="which repetition of each image, unaveraged (default 3)")

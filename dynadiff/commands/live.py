@@ -62,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tr", type=float, default=TR, help=f"seconds per volume (default NSD's {TR:.4f})")
     p.add_argument("--give-up-trs", type=float, default=0.0,
                    help="end the session after this many TRs without a new volume (default 0: never)")
-    p.add_argument("--subject", type=int, choices=[1, 2, 5, 7], help="NSD subject (default: from the config, 1)")
+    p.add_argument("--subject", type=int,
+                   help="NSD subject: 1, 2, 5 or 7 (default: from the config, 1); with a BIDS source, the "
+                   "participant whose label ends with it")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder or .safetensors (default checkpoints/subjXX)")
     p.add_argument("--vd_cache_dir", type=Path, help="local Versatile Diffusion folder (Hugging Face layout)")
     p.add_argument("--nsddata_path", type=Path, help="the NSD folder: the mask and the stimuli (ground truth)")

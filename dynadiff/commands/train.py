@@ -37,8 +37,10 @@ INFRA_TARGETS = {"train": "infra", "task_infra_data": "data.nsd_dataset_config.i
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     who = p.add_mutually_exclusive_group()
-    who.add_argument("--subject", type=int, choices=[1, 2, 5, 7], help="NSD subject (default: from the config, 1)")
-    who.add_argument("--subjects", type=int, nargs="+", choices=[1, 2, 5, 7], metavar="S",
+    who.add_argument("--subject", type=int,
+                     help="NSD subject: 1, 2, 5 or 7 (default: from the config, 1); with a BIDS source, the "
+                     "participant whose label ends with it")
+    who.add_argument("--subjects", type=int, nargs="+", metavar="S",
                      help="several subjects, one model with a subject layer each (e.g. --subjects 1 2 5 7)")
     p.add_argument("--output", type=Path, help="run folder: checkpoints, log.csv, samples (default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint "
