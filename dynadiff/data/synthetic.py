@@ -20,7 +20,8 @@ each image has features (its 4x4 RGB thumbnail, standardised); each visual
 voxel responds linearly to them; responses are placed at trial onsets,
 convolved with a haemodynamic response peaking ``hrf_peak_s`` (5 s) after onset, and added to
 a per-voxel baseline with linear + slow sinusoidal drift and Gaussian noise.
-Everything is deterministic from ``seed``.
+Everything is deterministic from ``seed``: all of it is drawn by :func:`make_scene`, which
+:mod:`dynadiff.data.synthetic_bids` writes too (as a BIDS dataset, at any TR).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,19 @@ class SyntheticParams:
     seed: int = 0
 
 
+def _double_gamma(t: np.ndarray, scale: float) -> np.ndarray:
+    """The canonical double gamma (gamma(6) minus gamma(16)/6) stretched in time by ``scale``; 0 for t < 0."""
+    from scipy.stats import gamma
+
+    return gamma.pdf(t, 6.0, scale=scale) - gamma.pdf(t, 16.0, scale=scale) / 6.0
+
+
+def _check_peak(peak_s: float) -> float:
+    if not peak_s > 0:
+        raise ValueError(f"the response's peak must be after the onset, got peak_s={peak_s}")
+    return peak_s / 5.0  # the mode of gamma(6, scale) is 5 * scale
+
+
 def hrf(tr: float = TR, length_s: float = 24.0, peak_s: float = 5.0) -> np.ndarray:
     """Double-gamma haemodynamic response sampled every ``tr`` s, unit max.
 
@@ -74,14 +89,25 @@ def hrf(tr: float = TR, length_s: float = 24.0, peak_s: float = 5.0) -> np.ndarr
     ``peak_s / 5``: its peak is at ``peak_s`` (within a TR's sampling) and ``length_s``
     grows with it.
     """
-    from scipy.stats import gamma
-
-    if not peak_s > 0:
-        raise ValueError(f"the response's peak must be after the onset, got peak_s={peak_s}")
-    scale = peak_s / 5.0  # the mode of gamma(6, scale) is 5 * scale
+    scale = _check_peak(peak_s)
     t = np.arange(0.0, length_s * max(scale, 1.0), tr)
-    h = gamma.pdf(t, 6.0, scale=scale) - gamma.pdf(t, 16.0, scale=scale) / 6.0
+    h = _double_gamma(t, scale)
     return h / h.max()
+
+
+def hrf_at(t, peak_s: float = 5.0) -> np.ndarray:
+    """The response of :func:`hrf` at any times ``t`` (seconds after the onset; 0 before it), unit max.
+
+    The same double gamma, scaled by its value at its own peak (``peak_s``, to a few ms) rather than by the
+    largest of TR-spaced samples, and not cut at a length: a time course sampled at any TR from it has
+    the same response in seconds.
+    """
+    from scipy.optimize import minimize_scalar
+
+    scale = _check_peak(peak_s)
+    peak = minimize_scalar(lambda x: -_double_gamma(x, scale), bounds=(0.5 * peak_s, 1.5 * peak_s),
+                           method="bounded", options={"xatol": 1e-9 * peak_s}).x
+    return _double_gamma(np.asarray(t, dtype=np.float64), scale) / _double_gamma(peak, scale)
 
 
 def make_images(n: int, rng: np.random.Generator, size: int = IMAGE_SIZE, n_latent: int = 8) -> np.ndarray:
@@ -122,7 +148,8 @@ def make_roi(shape: tuple[int, int, int], visual_fraction: float, rng: np.random
     return roi
 
 
-def _save_nifti(data: np.ndarray, path: Path, tr: float | None = None) -> None:
+def save_nifti(data: np.ndarray, path: Path, tr: float | None = None) -> None:
+    """``data`` as a NIfTI of its dtype, 1.8 mm voxels (NSD's func1pt8mm), ``tr`` seconds per volume if given."""
     import nibabel as nib
 
     affine = np.diag([1.8, 1.8, 1.8, 1.0])
@@ -219,12 +246,81 @@ def write_synthetic_nsd(root, subjects=(1,), seed: int = 0, **kwargs) -> dict:
 
 
 def _write(root: Path, p: SyntheticParams) -> dict:
-    rng = np.random.default_rng(p.seed)
-    shapes = {**DEFAULT_SHAPES, **(p.volume_shapes or {})}
+    scene = make_scene(p)
+    _write_expdesign(root / nsd.EXPDESIGN_FILE, scene.test_ids, scene.subjectim, scene.masterordering)
+    _write_brick(root / nsd.STIMULI_FILE, scene.images)
+    summary = {"subjects": list(p.subjects), "sessions": {}, "n_voxels": {}, "n_images": len(scene.images),
+               "test_ids": scene.test_ids.tolist(), "seed": p.seed, "hrf_peak_s": p.hrf_peak_s}
+    for subject in scene.subjects:
+        save_nifti(subject.roi, nsd.roi_path(root, subject.subject))
+        for r in subject.runs:
+            save_nifti(r.data, r.run.timeseries_path(root), tr=TR)
+            design = np.zeros(N_VOLUMES_USED, dtype=np.int64)  # rest runs: no trials, all zeros
+            for onset, nsd_id in r.events:
+                design[onset] = nsd_id
+            r.run.design_path(root).parent.mkdir(parents=True, exist_ok=True)
+            r.run.design_path(root).write_text("".join(f"{v}\n" for v in design))
+        summary["sessions"][subject.subject] = list(p.sessions)
+        summary["n_voxels"][subject.subject] = subject.n_visual
+        logger.info("synthetic subject %d: %d runs, %d visual voxels", subject.subject, subject.n_task_runs,
+                    subject.n_visual)
+    summary["overrides"] = [f"data.nsd_dataset_config.nsddata_path={root}",
+                            f"data.nsd_dataset_config.sessions=[{','.join(map(str, p.sessions))}]"]
+    (root / nsd.SYNTHETIC_SUMMARY).write_text(json.dumps(summary, indent=1))
+    return summary
 
+
+@dataclasses.dataclass
+class RunScene:
+    """One run of a synthetic subject: its trials and its NSD-layout time series."""
+
+    run: nsd.Run
+    events: list[tuple[int, int]]  # (onset volume, 1-based NSD id), on the 4/3 s grid; [] for a rest run
+    rest: bool  # a resting-state run (runs 1 and 14 of a 14-run session)
+    data: np.ndarray  # (X, Y, Z, 226) int16, TR 4/3 s
+    slope: np.ndarray  # (n_brain, 1) float32: each brain voxel's linear drift over the run
+    phase: np.ndarray  # (n_brain, 1) float32: the phase of its slow sinusoidal drift
+
+
+@dataclasses.dataclass
+class SubjectScene:
+    """One synthetic subject: its brain, its encoding model, and its runs (drawn as they are iterated)."""
+
+    subject: int
+    roi: np.ndarray  # (X, Y, Z) int16 nsdgeneral labels: -1 outside the brain, 0 brain, 1 visual cortex
+    baseline: np.ndarray  # (X, Y, Z) float64 signal level, 0 outside the brain
+    responses: np.ndarray  # (n_images, n_visual) each visual voxel's response to each image (row: NSD id - 1)
+    n_task_runs: int
+    runs: tp.Iterator[RunScene]  # the task runs in list_runs order, then the rest runs, session by session
+
+    @property
+    def n_visual(self) -> int:
+        return self.responses.shape[1]
+
+
+@dataclasses.dataclass
+class Scene:
+    """Everything random in a synthetic mini-NSD, drawn from one generator seeded with ``params.seed``.
+
+    Both layouts write it (:func:`write_synthetic_nsd`, :func:`dynadiff.data.synthetic_bids.write_synthetic_bids`),
+    so one seed gives the same data in both. The images and the design are drawn first; the subjects, then each
+    subject's runs, are drawn from the same stream as they are iterated: asking for the next subject first draws
+    whatever runs of the previous one were not iterated, so every subject is the same however it is consumed.
+    """
+
+    params: SyntheticParams
+    images: np.ndarray  # (n_images, 425, 425, 3) uint8 (row: NSD id - 1)
+    test_ids: np.ndarray  # sorted 1-based NSD ids of the shared test images (sharedix)
+    subjectim: np.ndarray  # (8, n_test + n_unique) 1-based NSD ids of each NSD subject's images
+    masterordering: np.ndarray  # (n_trials,) 1-based columns of subjectim, one per trial, for every subject
+    subjects: tp.Iterator[SubjectScene]
+
+
+def make_scene(p: SyntheticParams) -> Scene:
+    """The :class:`Scene` of ``p`` (its subjects drawn lazily; see the class)."""
+    rng = np.random.default_rng(p.seed)
     n_images = p.n_test + p.n_unique * len(p.subjects)
     images = make_images(n_images, rng)
-    feats = image_features(images)
     ids = rng.permutation(n_images) + 1  # 1-based NSD ids, scattered over the brick
     test_ids = np.sort(ids[: p.n_test])
     subjectim = np.zeros((8, p.n_test + p.n_unique), dtype=np.int64)
@@ -238,71 +334,75 @@ def _write(root: Path, p: SyntheticParams) -> dict:
     columns += [p.n_test + i + 1 for i in range(p.n_unique) for _ in range(p.train_repetitions)]
     masterordering = rng.permutation(np.array(columns))
     assert len(masterordering) == n_trials_shared
+    subjects = _subjects(p, rng, image_features(images), subjectim, masterordering)
+    return Scene(p, images, test_ids, subjectim, masterordering, subjects)
 
-    _write_expdesign(root / nsd.EXPDESIGN_FILE, test_ids, subjectim, masterordering)
-    _write_brick(root / nsd.STIMULI_FILE, images)
 
+def _subjects(p: SyntheticParams, rng, feats, subjectim, masterordering) -> tp.Iterator[SubjectScene]:
+    shapes = {**DEFAULT_SHAPES, **(p.volume_shapes or {})}
     h = hrf(peak_s=p.hrf_peak_s)
-    summary = {"subjects": list(p.subjects), "sessions": {}, "n_voxels": {}, "n_images": n_images,
-               "test_ids": test_ids.tolist(), "seed": p.seed, "hrf_peak_s": p.hrf_peak_s}
     for subject in p.subjects:
         shape = shapes[subject]
         roi = make_roi(shape, p.visual_fraction, rng)
-        _save_nifti(roi, nsd.roi_path(root, subject))
-        mask = roi > 0
-        brain = roi >= 0
-        n_vis = int(mask.sum())
+        n_vis = int((roi > 0).sum())
         weights = rng.standard_normal((n_vis, N_FEATURES)) / np.sqrt(N_FEATURES)
         weights *= rng.uniform(0.3, 1.0, size=(n_vis, 1))  # voxel gains
         responses = feats @ weights.T  # (n_images, n_vis)
         responses /= responses.std()
-        baseline = rng.uniform(600, 1400, size=shape) * brain
+        baseline = rng.uniform(600, 1400, size=shape) * (roi >= 0)
         runs = nsd.list_runs(subject, p.sessions)
         if p.runs_per_session is not None:
             runs = [r for r in runs if nsd.runs_of_session(subject, r.session).index(r.run) < p.runs_per_session]
         trials = subjectim[subject - 1][masterordering - 1].tolist()
         schedule = _schedule(trials, len(runs), rng)
-        for run, events in zip(runs, schedule):
-            design = np.zeros(N_VOLUMES_USED, dtype=np.int64)
-            neural = np.zeros((N_VOLUMES, n_vis))
-            for onset, nsd_id in events:
-                design[onset] = nsd_id
-                neural[onset] += responses[nsd_id - 1]
-            bold = np.apply_along_axis(lambda x: np.convolve(x, h)[:N_VOLUMES], 0, neural)  # (T, n_vis)
-            data = _run_volume(shape, brain, mask, baseline, bold, p, rng)
-            _save_nifti(data, run.timeseries_path(root), tr=TR)
-            run.design_path(root).parent.mkdir(parents=True, exist_ok=True)
-            run.design_path(root).write_text("".join(f"{v}\n" for v in design))
-        for session in p.sessions:  # the rest runs of 14-run sessions exist in NSD too (no trials)
-            for rest in sorted(set(range(1, 15)) - set(nsd.runs_of_session(subject, session))) if session in nsd.REST_SESSIONS[subject] else []:
-                rrun = nsd.Run(subject, session, rest)
-                data = _run_volume(shape, brain, mask, baseline, np.zeros((N_VOLUMES, n_vis)), p, rng)
-                _save_nifti(data, rrun.timeseries_path(root), tr=TR)
-                rrun.design_path(root).write_text("0\n" * N_VOLUMES_USED)
-        summary["sessions"][subject] = list(p.sessions)
-        summary["n_voxels"][subject] = n_vis
-        logger.info("synthetic subject %d: %d runs, %d visual voxels", subject, len(runs), n_vis)
-    summary["overrides"] = [f"data.nsd_dataset_config.nsddata_path={root}",
-                            f"data.nsd_dataset_config.sessions=[{','.join(map(str, p.sessions))}]"]
-    (root / nsd.SYNTHETIC_SUMMARY).write_text(json.dumps(summary, indent=1))
-    return summary
+        scene = SubjectScene(subject, roi, baseline, responses, len(runs),
+                             _runs(p, rng, subject, roi, baseline, responses, h, runs, schedule))
+        yield scene
+        for _ in scene.runs:  # the runs not iterated: the next subject is drawn after them
+            pass
 
 
-def _run_volume(shape, brain, mask, baseline, bold, p: SyntheticParams, rng) -> np.ndarray:
-    """(X, Y, Z, 226) int16: baseline + drift + noise in the brain, + signal in visual voxels."""
-    t = np.arange(N_VOLUMES, dtype=np.float32) / N_VOLUMES
-    n_brain = int(brain.sum())
-    base = baseline[brain].astype(np.float32)[:, None]
+def _runs(p: SyntheticParams, rng, subject: int, roi, baseline, responses, h, runs, schedule) -> tp.Iterator[RunScene]:
+    n_vis = responses.shape[1]
+    for run, events in zip(runs, schedule):
+        neural = np.zeros((N_VOLUMES, n_vis))
+        for onset, nsd_id in events:
+            neural[onset] += responses[nsd_id - 1]
+        bold = np.apply_along_axis(lambda x: np.convolve(x, h)[:N_VOLUMES], 0, neural)  # (T, n_vis)
+        yield _draw_run(run, events, False, roi, baseline, bold, p, rng)
+    for session in p.sessions:  # the rest runs of 14-run sessions exist in NSD too (no trials)
+        for rest in sorted(set(range(1, 15)) - set(nsd.runs_of_session(subject, session))) if session in nsd.REST_SESSIONS[subject] else []:
+            yield _draw_run(nsd.Run(subject, session, rest), [], True, roi, baseline, np.zeros((N_VOLUMES, n_vis)), p, rng)
+
+
+def _draw_run(run: nsd.Run, events, rest: bool, roi, baseline, bold, p: SyntheticParams, rng) -> RunScene:
+    n_brain = int((roi >= 0).sum())
     slope = rng.uniform(-1.0, 1.0, size=(n_brain, 1)).astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi, size=(n_brain, 1)).astype(np.float32)
+    noise = rng.standard_normal((n_brain, N_VOLUMES), dtype=np.float32)
+    data = render_run(roi, baseline, bold, slope, phase, noise, p)
+    return RunScene(run, events, rest, data, slope, phase)
+
+
+def render_run(roi, baseline, bold, slope, phase, noise, p: SyntheticParams) -> np.ndarray:
+    """(X, Y, Z, T) int16 time series: baseline + drift + noise in the brain, + signal in visual voxels.
+
+    ``bold``: (T, n_visual) responses in units of the peak response; ``slope``, ``phase``: (n_brain, 1)
+    each brain voxel's drift; ``noise``: (n_brain, T) standard normal. The drift is a function of the
+    fraction of the run elapsed, so it spans the run whatever T.
+    """
+    brain, mask = roi >= 0, roi > 0
+    n_volumes = noise.shape[1]
+    t = np.arange(n_volumes, dtype=np.float32) / n_volumes
+    base = baseline[brain].astype(np.float32)[:, None]
     drift = 0.01 * base * (slope * (t - 0.5) + 0.5 * np.sin(2 * np.pi * 1.5 * t + phase))
-    vals = base + drift + (p.noise_percent / 100) * base * rng.standard_normal((n_brain, N_VOLUMES), dtype=np.float32)
+    vals = base + drift + (p.noise_percent / 100) * base * noise
     vis_in_brain = mask[brain]
     vals[vis_in_brain] += (p.signal_percent / 100) * base[vis_in_brain] * bold.T.astype(np.float32)
     # One dead (constant) visual voxel: preprocessing must give zeros, not NaN.
     first_vis = np.flatnonzero(vis_in_brain)[0]
     vals[first_vis] = base[first_vis]
-    out = np.zeros(shape + (N_VOLUMES,), dtype=np.int16)
+    out = np.zeros(roi.shape + (n_volumes,), dtype=np.int16)
     out[brain] = np.clip(np.round(vals), -32768, 32767).astype(np.int16)
     return out
 
