@@ -188,6 +188,12 @@ def list_runs(cfg: "NsdDatasetConfig") -> list[BidsRun]:
         if len(spaces) > 1:
             raise BidsDataError(f"{where} has sub-{label}'s preprocessed runs in spaces {spaces}: choose one with "
                                 "data.nsd_dataset_config.bids.space")
+    # one query for all the events (and the brain masks), matched to the runs by their entities: a query per run
+    # costs pybids a database round trip each
+    events = _by_entities(layout.get(subject=label, suffix="events", extension=".tsv"), _RUN_ENTITIES, Path(src.root))
+    masks = {} if src.mask is not None or src.derivatives is None else _by_entities(
+        layout.get(scope="derivatives", subject=label, suffix="mask", desc="brain", extension=[".nii.gz", ".nii"]),
+        _RUN_ENTITIES + ("space",), Path(src.derivatives))
     runs: list[BidsRun] = []
     for bold in bolds:
         ent = bold.entities
@@ -196,20 +202,18 @@ def list_runs(cfg: "NsdDatasetConfig") -> list[BidsRun]:
             continue
         if src.runs is not None and (run is None or int(run) not in src.runs):
             continue
-        keys = {k: ent[k] for k in ("subject", "session", "task", "run", "acquisition") if k in ent}
-        events = layout.get(scope="raw", suffix="events", extension=".tsv", **keys) \
-            or layout.get(suffix="events", extension=".tsv", **keys)
-        if not events:
+        events_path = events.get(_key(ent, _RUN_ENTITIES))
+        if events_path is None:
             continue  # rest, or a task without images
         bold_path = Path(bold.path)
         img = _header(bold_path)
         if len(img.shape) != 4:
             raise BidsDataError(f"{bold_path} should be a 4D series, got shape {img.shape}")
-        mask_path = _mask_path(layout, src, label, ent, bold_path)
+        mask_path = _mask_path(src, label, masks.get(_key(ent, _RUN_ENTITIES + ("space",))), bold_path)
         mask_img = _header(mask_path)
         _check_same_grid(mask_path, mask_img, bold_path, img)
         runs.append(BidsRun(label, str(session) if session is not None else None, str(ent["task"]),
-                            int(run) if run is not None else None, bold_path, Path(events[0].path), mask_path,
+                            int(run) if run is not None else None, bold_path, events_path, mask_path,
                             _tr_of(layout, bold_path, img.header), int(img.shape[3])))
     if not runs:
         chosen = f" in sessions {cfg.sessions}" if cfg.sessions is not None else ""
@@ -219,7 +223,23 @@ def list_runs(cfg: "NsdDatasetConfig") -> list[BidsRun]:
     return runs
 
 
-def _mask_path(layout, src: "BidsSource", label: str, ent: dict, bold: Path) -> Path:
+_RUN_ENTITIES = ("session", "task", "run", "acquisition")
+
+
+def _key(entities: dict, names: tuple[str, ...]) -> tuple:
+    return tuple(str(entities.get(name)) for name in names)
+
+
+def _by_entities(files, names: tuple[str, ...], preferred: Path) -> dict[tuple, Path]:
+    """Files by their entities ``names``; where two share them, the one under ``preferred`` (the raw dataset's
+    events over a derivative's copy)."""
+    out: dict[tuple, Path] = {}
+    for f in sorted(files, key=lambda f: Path(f.path).is_relative_to(preferred)):  # preferred ones last: they win
+        out[_key(f.entities, names)] = Path(f.path)
+    return out
+
+
+def _mask_path(src: "BidsSource", label: str, brain_mask: Path | None, bold: Path) -> Path:
     if src.mask is not None:
         path = Path(str(src.mask).replace("{subject}", label))
         if not path.is_file():
@@ -230,12 +250,10 @@ def _mask_path(layout, src: "BidsSource", label: str, ent: dict, bold: Path) -> 
         raise BidsDataError("raw BIDS runs need a mask: give a NIfTI mask or atlas (data.nsd_dataset_config.bids.mask, "
                             "prepare_data.py --mask), or fMRIPrep's derivatives (bids.derivatives, --derivatives), "
                             "whose brain masks are used")
-    keys = {k: ent[k] for k in ("subject", "session", "task", "run", "space", "acquisition") if k in ent}
-    found = layout.get(scope="derivatives", suffix="mask", desc="brain", extension=[".nii.gz", ".nii"], **keys)
-    if not found:
+    if brain_mask is None:
         raise BidsDataError(f"no desc-brain_mask beside {bold} in the derivatives: give a NIfTI mask "
                             "(data.nsd_dataset_config.bids.mask)")
-    return Path(found[0].path)
+    return brain_mask
 
 
 def read_events(path: Path, image_column: str) -> tuple[np.ndarray, list[str]]:

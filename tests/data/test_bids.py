@@ -262,3 +262,39 @@ def test_prepare_data_bids_bad_input_exits_1_with_its_line(tmp_path, caplog):
     assert info.value.code == 2
     with pytest.raises(SystemExit):
         prepare_data.main(["--skip-download", "--path", str(root), "--mask", "m.nii.gz"])  # a BIDS flag, no --bids
+
+
+# --- the synthetic data as BIDS: the same windows as NSD's layout --------------------------------------------
+
+
+def test_bids_copy_at_nsd_tr_gives_the_nsd_layout_windows(tmp_path):
+    """Same scene, two layouts, two readers: the same events (in the same order, the same images) and the same
+    windows, raw BIDS with the nsdgeneral mask and fMRIPrep-style derivatives alike."""
+    from dynadiff.data.dataset import compute_run_windows
+    from dynadiff.data.stimuli import write_test_ids
+    from dynadiff.data.synthetic import write_synthetic_nsd
+    from dynadiff.data.synthetic_bids import write_synthetic_bids
+
+    params = dict(sessions=(1,), n_unique=10, n_test=4, volume_shapes={2: (6, 8, 5)})
+    write_synthetic_nsd(tmp_path / "nsd", subjects=(2,), seed=5, **params)
+    write_test_ids(tmp_path / "nsd")  # test_images_ids.npy, from nsd_expdesign.mat's sharedix (prepare_data.py's step)
+    info = write_synthetic_bids(tmp_path / "bids", subjects=(2,), seed=5, **params)
+    root, deriv = tmp_path / "bids", tmp_path / "bids" / "derivatives" / "fmriprep"
+    mask = str(deriv / "sub-{subject}/anat/sub-{subject}_space-T1w_desc-nsdgeneral_mask.nii.gz")
+    names = bids.image_names(BidsSource(root=root))
+    for split in ("test", "train"):
+        nsd_cfg = NsdDatasetConfig(nsddata_path=tmp_path / "nsd", subject=2, split=split, sessions=[1])
+        nsd_items, nsd_trials = list_trials(nsd_cfg)
+        nsd_windows = list(compute_run_windows(nsd_cfg, nsd_items))
+        for source in (dict(mask=mask), dict(derivatives=deriv, mask=mask)):
+            cfg = NsdDatasetConfig(subject=2, split=split, sessions=[1], bids=BidsSource(
+                root=root, test_images=root / "code" / "test_images.txt", **source))
+            items, trials = list_trials(cfg)
+            assert [(t.item, t.row) for t in trials] == [(t.item, t.row) for t in nsd_trials]
+            # the same images: BIDS ids index the sorted stimuli/, whose names carry the NSD id
+            assert [names[t.nsd_id - 1] for t in trials] == [f"nsd-{t.nsd_id:05d}.png" for t in nsd_trials]
+            windows = list(compute_run_windows(cfg, items))
+            assert len(windows) == len(nsd_windows) > 1
+            for a, b in zip(windows, nsd_windows):
+                assert a.shape == b.shape and a.shape[1] == info["n_voxels"][2]
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
