@@ -245,9 +245,11 @@ def pixel_identification_from_folder(folder: Path, n: int, direction: str) -> fl
 
 
 def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = True,
-             generalization: bool = False) -> dict:
+             generalization: bool = False, bids_tr: float | None = None) -> dict:
     """The whole demo in ``workdir``; returns the untrained and trained results and the paths. ``generalization``:
-    then one decoder per offset, and the temporal generalisation matrix (:func:`run_generalization`)."""
+    then one decoder per offset, and the temporal generalisation matrix (:func:`run_generalization`).
+    ``bids_tr``: the same synthetic data written as a BIDS dataset at this TR (raw and fMRIPrep-style
+    derivatives, :func:`dynadiff.data.synthetic_bids.write_synthetic_bids`), read through the BIDS data source."""
     import torch
 
     from dynadiff.checkpoint import save_checkpoint
@@ -262,20 +264,26 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
     times = {}
 
     t = time.perf_counter()
-    nsd_root = workdir / "nsddata"
     synthetic = dict(s.synthetic)
-    info = write_synthetic_nsd(nsd_root, subjects=(s.subject,), seed=s.seed, **synthetic)
-    prepare_stimuli(nsd_root, images="all", subjects=(s.subject,), workers=1)
+    if bids_tr is None:
+        nsd_root = workdir / "nsddata"
+        info = write_synthetic_nsd(nsd_root, subjects=(s.subject,), seed=s.seed, **synthetic)
+        prepare_stimuli(nsd_root, images="all", subjects=(s.subject,), workers=1)
+        sessions = ",".join(str(x) for x in info["sessions"][s.subject])
+        data = [f"data.nsd_dataset_config.nsddata_path={nsd_root}", f"data.nsd_dataset_config.sessions=[{sessions}]"]
+    else:
+        from dynadiff.data.synthetic_bids import write_synthetic_bids
+
+        info = write_synthetic_bids(workdir / "bids", subjects=(s.subject,), seed=s.seed, tr=bids_tr, **synthetic)
+        data = list(info["overrides"])  # the BIDS source: dataset, derivatives, mask, test images, sessions
     times["synthetic data"] = time.perf_counter() - t
 
     t = time.perf_counter()
     vd_dir = pretrain_tiny_vd(workdir / "versatile_diffusion", s)
     times["tiny VD pre-training"] = time.perf_counter() - t
 
-    sessions = ",".join(str(x) for x in info["sessions"][s.subject])
-    common = [f"data.nsd_dataset_config.nsddata_path={nsd_root}", f"data.nsd_dataset_config.sessions=[{sessions}]",
-              f"data.nsd_dataset_config.image_size={s.image_size}", f"versatilediffusion_config.image_size={s.image_size}",
-              f"brain_modules_config.n_tokens={s.n_tokens}"]
+    common = [*data, f"data.nsd_dataset_config.image_size={s.image_size}",
+              f"versatilediffusion_config.image_size={s.image_size}", f"brain_modules_config.n_tokens={s.n_tokens}"]
     train_script = _command("train")
     train_argv = ["--subject", str(s.subject), "--output", str(workdir / "train"), "--cache", str(workdir / "cache"),
                   "--vd_cache_dir", str(vd_dir), "--device", "cpu", *common, "data.num_workers=0",
@@ -327,7 +335,8 @@ def run_demo(workdir: Path, s: DemoSettings = DemoSettings(), progress: bool = T
         matrix = run_generalization(workdir, s, vd_dir, train_argv, common, progress)
         times["per-offset decoders and generalisation"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
-    report = {"untrained": results["untrained"], "trained": results["trained"], "train_summary": summary,
+    report = {"data": "synthetic mini-NSD" if bids_tr is None else f"synthetic BIDS, TR {bids_tr:g} s",
+              "untrained": results["untrained"], "trained": results["trained"], "train_summary": summary,
               "times_s": times, "overview": str(Path(results["trained"]["output_dir"]) / "overview.png"),
               "workdir": str(workdir), "eval_command": commands["trained"],
               "timecourse": {k: timecourse[k] for k in ("offsets", "n_images", "peak_offset", "model_offset",
@@ -392,7 +401,8 @@ def generalization_lines(report: dict) -> str:
 def comparison_table(report: dict) -> str:
     """Markdown: each metric for the untrained and the trained decoder, next to its chance level."""
     un, tr = report["untrained"], report["trained"]
-    lines = [f"Synthetic test images: {tr['n_images']} ({'averaged' if tr['averaged'] else 'one'} repetition"
+    lines = [f"Data: {report.get('data', 'synthetic mini-NSD')}. Test images: {tr['n_images']} "
+             f"({'averaged' if tr['averaged'] else 'one'} repetition"
              f"{'s' if tr['averaged'] else ''} per image).", "",
              "| metric | untrained decoder | trained decoder | chance |", "| --- | ---: | ---: | ---: |"]
     for m, label in (("pixcorr", "PixCorr"), ("ssim", "SSIM")):
