@@ -54,7 +54,7 @@ def at_tr_2(tmp_path_factory):
     return base / "nsd", base / "bids", summary
 
 
-def test_at_tr_4_3_the_runs_are_the_nsd_layout_s(tmp_path):
+def test_at_tr_4_3_the_runs_are_the_nsd_layouts(tmp_path):
     """TR 4/3: every run (task and rest, the second subject too: one random stream) is the NSD layout's time series,
     first 225 volumes; events, images, test images and masks are the NSD layout's."""
     write_synthetic_nsd(tmp_path / "nsd", subjects=(1, 2), seed=0, **SMALL)

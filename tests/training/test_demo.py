@@ -185,3 +185,40 @@ def test_the_readme_from_python_block_runs_as_written_after_the_demo(fast_demo, 
     images = decoder([test.brain(i) for i in range(n)], steps=2)  # the demo evaluates with 2 steps, batches of 4
     for i, image in enumerate(images):
         np.testing.assert_array_equal(image, np.asarray(Image.open(Path(trained["output_dir"]) / f"{i}.png")))
+
+
+def test_fast_demo_on_bids_at_tr_2_trains_evaluates_and_slides_through_the_bids_source(tmp_path):
+    """demo.py --fast --bids --tr 2: train.py, eval.py and timecourse.py on the synthetic data written as BIDS
+    at TR 2 s; the checkpoint records the BIDS source, and the evaluation's ground truths are the BIDS stimuli
+    of the test images the decoder's own test data names."""
+    import contextlib
+    import io
+
+    from PIL import Image
+
+    from dynadiff.config import BidsSource
+    from dynadiff.data import bids
+    from dynadiff.data.dataset import load_image
+    from dynadiff.decoder import Decoder
+    from dynadiff.evaluation import GT_SIZE
+
+    out = tmp_path / "demo"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert _script("demo").main(["--fast", "--bids", "--tr", "2", "--output", str(out)]) == 0
+    assert "Data: synthetic BIDS, TR 2 s." in printed.getvalue()
+    report = json.loads((out / "demo_results.json").read_text())
+    ckpt = Path(report["train_summary"]["best_checkpoint"])
+    decoder = Decoder.from_checkpoint(ckpt, vd_dir=out / "versatile_diffusion", device="cpu")
+    source = decoder.checkpoint.data_config["bids"]
+    assert Path(source["root"]) == out / "bids" and Path(source["derivatives"]) == out / "bids/derivatives/fmriprep"
+    test = decoder.test_data(averaged=True)  # the BIDS test images of session 1 (FAST: 6)
+    names = bids.image_names(BidsSource(root=out / "bids"))
+    listed = (out / "bids/code/test_images.txt").read_text().split()
+    assert len(test) == 6 and {names[i - 1] for i in test.nsd_ids} == set(listed)
+    eval_dir = Path(report["trained"]["output_dir"])
+    assert report["trained"]["n_images"] == 4
+    for i in range(4):
+        expected = load_image(out / "bids/stimuli" / names[test.nsd_ids[i] - 1], GT_SIZE)
+        assert np.array_equal(np.asarray(Image.open(eval_dir / f"{i}_gt.png").convert("RGB")), expected)
+    saved = json.loads((Path(report["timecourse"]["output_dir"]) / "timecourse.json").read_text())
+    assert saved["offsets"] == [2, 3, 4] and saved["n_images"] == 2 and len(saved["rows"]) == 3
