@@ -298,3 +298,31 @@ def test_bids_copy_at_nsd_tr_gives_the_nsd_layout_windows(tmp_path):
             for a, b in zip(windows, nsd_windows):
                 assert a.shape == b.shape and a.shape[1] == info["n_voxels"][2]
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_prepare_data_synthetic_bids_writes_then_checks_and_caches_it(tmp_path, monkeypatch, caplog):
+    import functools
+    import logging
+
+    from dynadiff.data import synthetic_bids
+    from scripts import load_script
+
+    # the command's writer, on a small scene (the default one takes a minute)
+    small = functools.partial(synthetic_bids.write_synthetic_bids, sessions=(1,), runs_per_session=2, n_unique=8,
+                              n_test=4, volume_shapes={1: (6, 8, 5)})
+    monkeypatch.setattr(synthetic_bids, "write_synthetic_bids", small)
+    prepare_data = load_script("prepare_data")
+    root = tmp_path / "mini_bids"
+    with caplog.at_level(logging.INFO):
+        code = prepare_data.main(["--synthetic", "--format", "bids", "--tr", "2", "--path", str(root),
+                                  "--subjects", "1", "--windows", "test", "--cache", str(tmp_path / "cache")])
+    assert code == 0
+    assert json.loads((root / "task-nsd_bold.json").read_text())["RepetitionTime"] == 2.0
+    assert "TR 2 s" in caplog.text and "data.nsd_dataset_config.bids.root=" in caplog.text
+    # 4 test images shown 3, 2, 1 and 3 times, 8 training images 3 times each: 33 trials over 2 runs at TR 2 s
+    assert "sub-01: 2 runs (TR 2 s), 4 test images (9 events), 24 train events (8 images)" in caplog.text
+    assert "windows cached (test)" in caplog.text
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--format", "bids", "--path", str(root)])  # --format without --synthetic
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--synthetic", "--format", "bids", "--tr", "0", "--path", str(tmp_path / "x")])
