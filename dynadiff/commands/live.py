@@ -1,20 +1,24 @@
 """Decode each trial's image while the scanner is still running, and watch them arrive in a browser.
 
-    python live.py --watch DIR (--design TSV | --onsets FILE) --out OUT [--serve] [options] [KEY=VALUE ...]
-    python live.py --replay RUN.nii.gz --design TSV --out OUT [--speed X] [--serve] ...
+    python live.py --watch DIR (--design TSV | --onsets FILE | --events TSV) --out OUT [--serve] [options] [K=V ...]
+    python live.py --replay RUN.nii.gz (--design TSV | --events TSV) --out OUT [--speed X] [--serve] ...
     python live.py --serve --out OUT          # only the page of an earlier session's folder
 
 --watch: volumes arrive as files in DIR, one 3-D NIfTI per volume (.nii or .nii.gz), numbered (the last digits of
 the name; --first-number N is volume 0), each read once complete. --replay: a recorded 4-D run written into
 OUT/replay_volumes/ one volume per TR (or --speed X times faster), the folder the same watcher reads. Trials come
-from NSD's design TSV (--design) or from onset lines appended to a file as the experiment runs (--onsets: "VOLUME
-[NSD_ID]" per line, "end" when no trial follows).
+from NSD's design TSV (--design), from onset lines appended to a file as the experiment runs (--onsets: "VOLUME
+[NSD_ID]" per line, "end" when no trial follows), or from a BIDS events.tsv (--events: onsets in seconds, each
+trial labelled by the image its --image-column names; the window is then sampled at the checkpoint's seconds after
+the onset on the run's own grid, any TR, by linear interpolation). --tr: seconds per volume; --replay reads it from
+the run's NIfTI header (an explicit --tr that disagrees is an error), else NSD's 4/3.
 
 Each trial is decoded as soon as its window (the checkpoint's, volumes t+3 .. t+8 for the published ones) is
 complete, normalised with the volumes acquired so far only (docs/live.md: no volume from the future). Outputs in
-OUT: {trial}.png, {trial}_truth.png where the NSD id and the stimuli are known, latency.csv (one line per trial:
-when its last volume was written, when its image was), trials.json. --serve: a page on localhost shows them as
-they arrive. The checkpoint, Versatile Diffusion folder and config keys are eval.py's.
+OUT: {trial}.png, {trial}_truth.png where the image shown is known (its NSD id and the NSD folder, or its name
+and --stimuli), latency.csv (one line per trial: when its last volume was written, when its image was),
+trials.json. --serve: a page on localhost shows them as they arrive. The checkpoint, Versatile Diffusion folder
+and config keys are eval.py's.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     onsets = p.add_mutually_exclusive_group()
     onsets.add_argument("--design", type=Path, metavar="TSV", help="NSD's design TSV of the run (fixed up front)")
     onsets.add_argument("--onsets", type=Path, metavar="FILE", help="onset lines 'VOLUME [NSD_ID]', read as they come")
+    onsets.add_argument("--events", type=Path, metavar="TSV", help="a BIDS events.tsv of the run: onsets in seconds, "
+                        "the image of each trial in --image-column (rows without one are not trials)")
+    p.add_argument("--image-column", default="stim_file", metavar="NAME",
+                   help="--events: the column naming the image (default BIDS's stim_file)")
+    p.add_argument("--stimuli", type=Path, metavar="DIR", help="--events: the folder of the images the events name "
+                   "(the ground truth shown beside each reconstruction)")
     p.add_argument("--out", type=Path, required=True, help="output folder (kept trials are not decoded again)")
     p.add_argument("--serve", action="store_true", help="serve the page of OUT on localhost (Ctrl-C ends it)")
     p.add_argument("--port", type=int, default=8765, help="the page's port (0: any free one; default 8765)")
@@ -59,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "variance seeds the scale of each voxel (docs/live.md)")
     p.add_argument("--first-number", type=int, default=0, help="--watch: the number of the first volume's file")
     p.add_argument("--n-volumes", type=int, help="--watch: the run's length in volumes, when known")
-    p.add_argument("--tr", type=float, default=TR, help=f"seconds per volume (default NSD's {TR:.4f})")
+    p.add_argument("--tr", type=float, help=f"seconds per volume (default: --replay, the run's NIfTI header; else "
+                   f"NSD's {TR:.4f})")
     p.add_argument("--give-up-trs", type=float, default=0.0,
                    help="end the session after this many TRs without a new volume (default 0: never)")
     p.add_argument("--subject", type=int,
@@ -73,13 +84,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
     args = p.parse_intermixed_args(argv)
-    if (args.watch or args.replay) and not (args.design or args.onsets):
-        p.error("--watch and --replay need the trials: --design TSV or --onsets FILE")
+    if (args.watch or args.replay) and not (args.design or args.onsets or args.events):
+        p.error("--watch and --replay need the trials: --design TSV, --onsets FILE or --events TSV")
     if args.replay and args.onsets:
-        p.error("--replay plays a run with its --design")
+        p.error("--replay plays a run with its --design or --events")
+    if args.stimuli is not None and args.events is None:
+        p.error("--stimuli names the images of --events: give --events TSV")
     if not (args.watch or args.replay or args.serve):
         p.error("give --watch DIR or --replay RUN (or --serve alone, to show an earlier session's folder)")
-    if args.steps < 1 or args.speed <= 0 or args.tr <= 0:
+    if args.steps < 1 or args.speed <= 0 or (args.tr is not None and args.tr <= 0):
         p.error("--steps, --speed and --tr must be positive")
     return args
 
@@ -154,17 +167,22 @@ def run_session(args: argparse.Namespace) -> dict:
 
     from dynadiff.data import nsd
     from dynadiff.data.dataset import load_mask, load_masked_run
-    from dynadiff.data.preprocess import window_bounds
+    from dynadiff.data.preprocess import window_bounds, window_times
     from dynadiff.live.causal import Prior
-    from dynadiff.live.decoder import WindowDecoder, truth_loader
+    from dynadiff.live.decoder import WindowDecoder, stimuli_loader, truth_loader
     from dynadiff.live.record import LiveRecord
     from dynadiff.live.replay import Replay, prepare_folder
     from dynadiff.live.session import LiveSession, Timing
-    from dynadiff.live.watch import LiveInputError, OnsetStream, VolumeWatcher, design_onsets
+    from dynadiff.live.watch import LiveInputError, OnsetStream, VolumeWatcher, design_onsets, events_onsets
 
     for option, path in (("--out", args.out), ("--watch", args.watch)):
         if path is not None and path.exists() and not path.is_dir():
             raise LiveInputError(f"{option} {path} is a file, not a folder")
+    tr = run_tr(args)
+    events = None
+    if args.events is not None:
+        events = events_onsets(args.events, args.image_column)
+        _check_stimuli(args.stimuli, events, args.events)
     cfg = resolve_config(args)
     nsd_cfg = cfg.data.nsd_dataset_config
     root = Path(nsd_cfg.nsddata_path)
@@ -176,7 +194,11 @@ def run_session(args: argparse.Namespace) -> dict:
                                  "mask with --mask NIFTI, or the NSD folder with --nsddata_path")
         mask = load_mask(root, nsd_cfg.subject)
     start, stop = window_bounds(0, nsd_cfg.offset, nsd_cfg.duration)
-    onsets = design_onsets(args.design) if args.design else OnsetStream(args.onsets)
+    times = window_times(nsd_cfg.offset, nsd_cfg.duration)  # seconds after an onset in seconds (--events)
+    if events is not None:
+        onsets = events
+    else:
+        onsets = design_onsets(args.design) if args.design else OnsetStream(args.onsets)
     prior = None
     if args.prior_run is not None:
         _check_run(args.prior_run, mask, "--prior-run")
@@ -186,7 +208,7 @@ def run_session(args: argparse.Namespace) -> dict:
     if args.replay is not None:
         _check_run(args.replay, mask, "--replay")
         folder = prepare_folder(args.out / "replay_volumes")
-        replay = Replay(args.replay, folder, speed=args.speed, tr=args.tr, compressed=args.replay_gz)
+        replay = Replay(args.replay, folder, speed=args.speed, tr=tr, compressed=args.replay_gz)
         n_volumes = replay.n_volumes
         watch = folder
     else:
@@ -194,14 +216,23 @@ def run_session(args: argparse.Namespace) -> dict:
         if not watch.is_dir():
             logger.warning("%s does not exist yet: waiting for it", watch)
     decoder = WindowDecoder(cfg, int(mask.sum()), stop - start, steps=args.steps)
-    truth = truth_loader(root if root.is_dir() else None, decoder.image_size)
-    record = LiveRecord(args.out, args.tr)
-    watcher = VolumeWatcher(watch, mask, first_number=args.first_number, incomplete_s=2 * args.tr)
-    session = LiveSession(watcher, onsets, (start, stop), decoder, record, args.tr, truth=truth, prior=prior,
+    if events is not None:
+        truth = stimuli_loader(args.stimuli, decoder.image_size)
+    else:
+        truth = truth_loader(root if root.is_dir() else None, decoder.image_size)
+    record = LiveRecord(args.out, tr)
+    watcher = VolumeWatcher(watch, mask, first_number=args.first_number, incomplete_s=2 * tr)
+    session = LiveSession(watcher, onsets, (start, stop), decoder, record, tr, truth=truth, prior=prior,
                           n_volumes=n_volumes, timing=Timing(give_up_trs=args.give_up_trs),
-                          source_failed=None if replay is None else lambda: replay.error and "the replay stopped")
-    logger.info("live: window volumes t%+d .. t%+d, %d sampling steps, %d voxels; watching %s", start, stop - 1,
-                args.steps, int(mask.sum()), watch)
+                          source_failed=None if replay is None else lambda: replay.error and "the replay stopped",
+                          times_s=times)
+    if events is not None:
+        logger.info("live: %d trials of %s, window t+%.2f .. t+%.2f s sampled on the run's grid (TR %g s), %d "
+                    "sampling steps, %d voxels; watching %s", len(events), args.events, times[0], times[-1], tr,
+                    args.steps, int(mask.sum()), watch)
+    else:
+        logger.info("live: window volumes t%+d .. t%+d, %d sampling steps, %d voxels; watching %s", start, stop - 1,
+                    args.steps, int(mask.sum()), watch)
     if replay is not None:
         replay.start()
     previous = signal.getsignal(signal.SIGTERM)
@@ -216,8 +247,57 @@ def run_session(args: argparse.Namespace) -> dict:
     if replay is not None and replay.error is not None:
         raise LiveInputError(f"replay of {args.replay} stopped: {replay.error}")
     summary["window"] = [start, stop]
+    if events is not None:
+        summary["window_s"] = [round(float(t), 6) for t in times]
+    summary["tr_s"] = tr
     summary["steps"] = args.steps
     return summary
+
+
+def run_tr(args: argparse.Namespace) -> float:
+    """Seconds per volume: ``--tr``; for ``--replay``, the run's NIfTI header's (an explicit ``--tr`` that differs
+    from it by more than 1 ms is a one-line error); else NSD's 4/3."""
+    from dynadiff.data.preprocess import TR
+    from dynadiff.live.watch import LiveInputError
+
+    header = _header_tr(_nifti(args.replay, "--replay")) if args.replay is not None else None
+    if header is not None and args.tr is not None and abs(args.tr - header) > TR_TOLERANCE_S:
+        raise LiveInputError(f"--tr {args.tr:g} s disagrees with the NIfTI header of {args.replay} ({header:g} s per "
+                             "volume): leave --tr out to use the header's, or fix the header")
+    if args.tr is not None:
+        return args.tr
+    if header is not None:
+        return header
+    if args.events is not None:
+        logger.warning("--events: no --tr given, NSD's %.4f s per volume assumed (give the scanner's with --tr)", TR)
+    return TR
+
+
+TR_TOLERANCE_S = 1e-3  # an explicit --tr and the run's header that differ by more disagree
+
+
+def _header_tr(img) -> float | None:
+    """Seconds per volume in a 4-D NIfTI header (its 4th zoom, in its time unit), None where it says none."""
+    zooms, unit = img.header.get_zooms(), img.header.get_xyzt_units()[1]
+    scale = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(unit)
+    if len(zooms) < 4 or scale is None or not zooms[3] > 0:
+        return None
+    return float(zooms[3]) * scale
+
+
+def _check_stimuli(folder: Path | None, events, path: Path) -> None:
+    """Every image the events name is in ``folder`` (when given): a one-line LiveInputError otherwise."""
+    from dynadiff.live.watch import LiveInputError
+
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise LiveInputError(f"--stimuli {folder} is not a folder: give the folder of the images {path} names")
+    missing = sorted({o.image for o in events if not (folder / o.image).is_file()})
+    if missing:
+        raise LiveInputError(f"{path} names image {missing[0]!r}, absent from --stimuli {folder}"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: give the folder "
+                             "that holds them (the names are relative to it)")
 
 
 def _read_mask(path: Path):
@@ -235,18 +315,25 @@ def _read_mask(path: Path):
     return data > 0
 
 
-def _check_run(path: Path, mask, option: str) -> None:
-    """A 4-D NIfTI run whose volumes have the mask's shape; a one-line LiveInputError otherwise."""
+def _nifti(path: Path, option: str):
+    """The NIfTI image (header) of ``path``; a one-line LiveInputError where it cannot be read."""
     import nibabel as nib
 
     from dynadiff.live.watch import LiveInputError
 
     try:
-        shape = nib.load(str(path)).shape
+        return nib.load(str(path))
     except FileNotFoundError:
         raise LiveInputError(f"{option} {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - nibabel raises several types
         raise LiveInputError(f"{option} {path} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
+
+
+def _check_run(path: Path, mask, option: str) -> None:
+    """A 4-D NIfTI run whose volumes have the mask's shape; a one-line LiveInputError otherwise."""
+    from dynadiff.live.watch import LiveInputError
+
+    shape = _nifti(path, option).shape
     if len(shape) != 4 or tuple(shape[:3]) != mask.shape:
         raise LiveInputError(f"{option} {path} has shape {shape}: expected a 4-D run of volumes {mask.shape} "
                              "(the mask's)")

@@ -17,6 +17,13 @@ statistics of the volumes acquired so far, ``[0, end)``:
 With the whole run (``end`` = its length, no prior), the result is the offline preprocessing, to float rounding.
 The same function serves live decoding and the offline decoding that checks it, so both give the same windows
 bit for bit.
+
+A trial whose onset is in seconds (a BIDS events.tsv, any TR) samples the window at ``onset + times`` seconds
+(:func:`dynadiff.data.preprocess.window_times`) on the run's grid, volume ``k`` acquired at ``k * tr``
+(:func:`sampled_window`): the causal window of the volumes covering those times, from the one at or before the
+first to the one at or after the last (:func:`covering_volumes`), then linear interpolation at the fractional
+positions (:func:`dynadiff.data.preprocess.sample_windows`). On NSD's grid (TR 4/3 s, onsets on it) the positions
+are whole and the window is the one of the volume onsets, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+
+from dynadiff.data.preprocess import sample_positions, sample_windows
 
 MIN_VOLUMES = 3  # a line and a residual variance need at least 3 volumes
 
@@ -102,6 +111,26 @@ def causal_window(series: np.ndarray, start: int, end: int, prior: Prior | None 
     return out.astype(np.float32)
 
 
+def covering_volumes(onset_s: float, times_s: np.ndarray, tr: float) -> tuple[int, int]:
+    """``[start, stop)``: the volumes that the samples at ``onset_s + times_s`` seconds lie between, volume ``k``
+    acquired at ``k * tr`` seconds (``start`` may be negative: a window that starts before the run). The trial is
+    ready once volume ``stop - 1``, the one at or after its last sample, has arrived."""
+    pos = sample_positions([onset_s], times_s, tr)[0]
+    return int(np.floor(pos.min())), int(np.ceil(pos.max())) + 1
+
+
+def sampled_window(series: np.ndarray, onset_s: float, times_s: np.ndarray, tr: float, prior: Prior | None = None,
+                   present: np.ndarray | None = None) -> np.ndarray:
+    """(voxels, len(times_s)) float32: the window of an onset in seconds, sampled at ``onset_s + times_s`` on the
+    grid of ``series`` (volume ``k`` at ``k * tr`` s): :func:`causal_window` over :func:`covering_volumes`, then
+    linearly interpolated there (:func:`~dynadiff.data.preprocess.sample_windows`; a sample on a volume is that
+    volume, exactly). ``series``, ``prior``, ``present``: as :func:`causal_window`'s."""
+    start, stop = covering_volumes(onset_s, times_s, tr)
+    window = causal_window(series, start, stop, prior, present)
+    # the same times, counted from volume ``start``: positions on the causal window's own grid
+    return sample_windows(window, [onset_s - start * tr], times_s, tr)[0]
+
+
 class GrowingSeries:
     """The masked volumes of a run as they arrive: (voxels, volumes so far) and which of them are present."""
 
@@ -127,3 +156,7 @@ class GrowingSeries:
     def window(self, start: int, end: int, prior: Prior | None = None) -> np.ndarray:
         """:func:`causal_window` of the volumes so far."""
         return causal_window(self._data[:, : self.length], start, end, prior, self._present[: self.length])
+
+    def sampled(self, onset_s: float, times_s: np.ndarray, tr: float, prior: Prior | None = None) -> np.ndarray:
+        """:func:`sampled_window` of the volumes so far."""
+        return sampled_window(self._data[:, : self.length], onset_s, times_s, tr, prior, self._present[: self.length])

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+if tp.TYPE_CHECKING:
+    from dynadiff.live.watch import Onset
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,19 +35,35 @@ class WindowDecoder:
         return self.decoder(window[None], steps=self.steps)[0]
 
 
-def truth_loader(root: Path | None, size: int) -> tp.Callable[[int], np.ndarray | None]:
-    """NSD id -> the stimulus (its prepared PNG under ``root``, resized to ``size``), or None where absent."""
+def _resized(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def truth_loader(root: Path | None, size: int) -> tp.Callable[[Onset], np.ndarray | None]:
+    """Onset -> the stimulus of its NSD id (its prepared PNG under ``root``, resized to ``size``), or None where
+    absent."""
     from dynadiff.data import nsd
 
-    def load(nsd_id: int) -> np.ndarray | None:
-        if root is None:
+    def load(onset: Onset) -> np.ndarray | None:
+        if root is None or not onset.nsd_id:
             return None
-        path = nsd.stimulus_png(root, nsd_id)
-        if not path.is_file():
+        path = nsd.stimulus_png(root, onset.nsd_id)
+        return _resized(path, size) if path.is_file() else None
+
+    return load
+
+
+def stimuli_loader(folder: Path | None, size: int) -> tp.Callable[[Onset], np.ndarray | None]:
+    """Onset -> the image it names (an events.tsv's), ``folder / name`` resized to ``size``; None without a folder
+    or a name, or where the file is absent."""
+
+    def load(onset: Onset) -> np.ndarray | None:
+        if folder is None or onset.image is None:
             return None
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+        path = Path(folder) / onset.image
+        return _resized(path, size) if path.is_file() else None
 
     return load

@@ -1,7 +1,7 @@
 """What a live session writes in its output folder, each file complete at every moment.
 
 - ``{name}.png``: the reconstruction of a trial (``name``: its number in onset order, 4 digits: ``0007``);
-- ``{name}_truth.png``: the image the subject saw, where known;
+- ``{name}_truth.png``: the image the subject saw, where known (its NSD id, or its name and ``--stimuli``);
 - ``latency.csv``: one line per trial, appended and flushed as soon as its image is written;
 - ``trials.json``: the session's state (trials, recent messages, status), rewritten (atomically) at each change:
   the page of :mod:`dynadiff.live.server` reads it.
@@ -26,7 +26,8 @@ from dynadiff.files import save_png, write_text
 STATE_FILE = "trials.json"
 LATENCY_FILE = "latency.csv"
 LATENCY_COLUMNS = ("trial", "nsd_id", "onset_volume", "last_volume", "volume_written", "volume_seen",
-                   "image_written", "latency_s")
+                   "image_written", "latency_s", "stimulus", "onset_s")
+TEXT_COLUMNS = ("stimulus",)  # the others are numbers
 MAX_MESSAGES = 50
 
 
@@ -38,15 +39,18 @@ def trial_name(trial: int) -> str:
 class TrialResult:
     """One decoded trial. Times are Unix seconds: ``volume_written``, the modification time of the window's last
     volume file (when its writer finished it); ``volume_seen``, when the watcher found it complete;
-    ``image_written``, when the reconstruction's PNG was in place."""
+    ``image_written``, when the reconstruction's PNG was in place. An onset is a volume (``onset_volume``: NSD's
+    design, onset lines) or seconds (``onset_s``: an events.tsv, its image named by ``stimulus``)."""
 
     trial: int  # 0-based, in onset order
-    onset_volume: int
+    onset_volume: int | None
     last_volume: int
     nsd_id: int | None
     volume_written: float
     volume_seen: float
     image_written: float
+    onset_s: float | None = None
+    stimulus: str | None = None
 
     @property
     def name(self) -> str:
@@ -96,7 +100,8 @@ class LiveRecord:
             self.trials[result.trial] = {
                 "trial": result.trial, "name": result.name, "image": f"{result.name}.png",
                 "truth": f"{result.name}_truth.png" if truth is not None else None, "nsd_id": result.nsd_id,
-                "onset_volume": result.onset_volume, "last_volume": result.last_volume,
+                "stimulus": result.stimulus, "onset_volume": result.onset_volume, "onset_s": result.onset_s,
+                "last_volume": result.last_volume,
                 "volume_written": result.volume_written, "image_written": result.image_written,
                 "latency_s": round(result.latency_s, 4)}
             self._write_state()
@@ -117,13 +122,19 @@ class LiveRecord:
     def _append_latency(self, r: TrialResult) -> None:
         path = self.out / LATENCY_FILE
         new = not path.is_file() or path.stat().st_size == 0
+        columns = LATENCY_COLUMNS
+        if not new:  # a folder reopened: its file's columns (an older session's may lack the last ones)
+            with open(path, newline="") as f:
+                columns = tuple(next(csv.reader(f), LATENCY_COLUMNS))
+        values = {"trial": r.trial, "nsd_id": r.nsd_id, "onset_volume": r.onset_volume, "last_volume": r.last_volume,
+                  "volume_written": f"{r.volume_written:.6f}", "volume_seen": f"{r.volume_seen:.6f}",
+                  "image_written": f"{r.image_written:.6f}", "latency_s": f"{r.latency_s:.6f}",
+                  "stimulus": r.stimulus, "onset_s": None if r.onset_s is None else repr(float(r.onset_s))}
         with open(path, "a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(LATENCY_COLUMNS)
-            w.writerow([r.trial, "" if r.nsd_id is None else r.nsd_id, r.onset_volume, r.last_volume,
-                        f"{r.volume_written:.6f}", f"{r.volume_seen:.6f}", f"{r.image_written:.6f}",
-                        f"{r.latency_s:.6f}"])
+                w.writerow(columns)
+            w.writerow(["" if values.get(c) is None else values[c] for c in columns])
             f.flush()
             os.fsync(f.fileno())
 
@@ -134,10 +145,10 @@ class LiveRecord:
 
 
 def read_latency(path: Path) -> list[dict]:
-    """The rows of a ``latency.csv`` (numbers as floats, ``nsd_id`` None where unknown)."""
+    """The rows of a ``latency.csv`` (numbers as floats, ``stimulus`` as text; None where empty: unknown)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     out = []
     for row in rows:
-        out.append({k: (None if v == "" else float(v)) for k, v in row.items()})
+        out.append({k: (None if v == "" else v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()})
     return out

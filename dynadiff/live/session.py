@@ -1,9 +1,11 @@
 """The loop of a live session: volumes in, one image per trial out, as soon as the trial's window is complete.
 
 Trials are decoded in onset order, each once: a trial waits for every volume of its window (``[onset + start,
-onset + stop)`` in volumes, the checkpoint's window) and is then normalised with the volumes acquired so far
-(:mod:`dynadiff.live.causal`), decoded, and written (:class:`dynadiff.live.record.LiveRecord`). Problems are
-messages, and the session goes on:
+onset + stop)`` in volumes, the checkpoint's window; for an onset in seconds, the volumes covering its samples at
+``onset + times_s`` seconds, up to the one at or after the last, :func:`dynadiff.live.causal.covering_volumes`) and
+is then normalised with the volumes acquired so far (:mod:`dynadiff.live.causal`; sampled at its times for an onset
+in seconds), decoded, and written (:class:`dynadiff.live.record.LiveRecord`). Problems are messages, and the
+session goes on:
 
 - a volume of the wrong shape, or unreadable: left out (the trials whose window holds it are skipped);
 - a gap in the numbering: once a later volume has been there for ``gap_trs`` TRs, the missing one is declared
@@ -26,7 +28,7 @@ import typing as tp
 
 import numpy as np
 
-from dynadiff.live.causal import MIN_VOLUMES, GrowingSeries, Prior
+from dynadiff.live.causal import MIN_VOLUMES, GrowingSeries, Prior, covering_volumes
 from dynadiff.live.record import LiveRecord, TrialResult, trial_name
 from dynadiff.live.watch import Onset, OnsetStream, VolumeWatcher
 
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 class Trial:
     index: int
     onset: Onset
-    start: int  # window [start, stop) in volume indices
+    start: int  # the volumes [start, stop) its window needs
     stop: int
     state: str = "waiting"  # waiting, decoded, skipped
     why: str = ""
@@ -52,16 +54,19 @@ class Timing:
 
 
 class LiveSession:
-    """``decode``: (voxels, n_trs) float32 window -> (H, W, 3) uint8 image. ``truth``: NSD id -> (H, W, 3) uint8 image
-    or None. ``window``: (start, stop) in volumes from the onset. ``onsets``: a fixed list, or an
-    :class:`OnsetStream`."""
+    """``decode``: (voxels, n_trs) float32 window -> (H, W, 3) uint8 image. ``truth``: onset -> (H, W, 3) uint8 image
+    or None (the image shown, by its NSD id or name). ``window``: (start, stop) in volumes from an onset at a volume.
+    ``times_s``: (n_trs,) seconds after an onset in seconds at which its window is sampled (needed for such onsets).
+    ``onsets``: a fixed list, or an :class:`OnsetStream`. ``tr``: seconds per volume, volume ``k`` acquired at
+    ``k * tr``."""
 
     def __init__(self, watcher: VolumeWatcher, onsets: list[Onset] | OnsetStream, window: tuple[int, int],
                  decode: tp.Callable[[np.ndarray], np.ndarray], record: LiveRecord, tr: float,
-                 truth: tp.Callable[[int], np.ndarray | None] | None = None, prior: Prior | None = None,
+                 truth: tp.Callable[[Onset], np.ndarray | None] | None = None, prior: Prior | None = None,
                  n_volumes: int | None = None, timing: Timing = Timing(),
-                 source_failed: tp.Callable[[], str | None] | None = None) -> None:
+                 source_failed: tp.Callable[[], str | None] | None = None, times_s: np.ndarray | None = None) -> None:
         self.watcher, self.window, self.decode, self.record, self.tr = watcher, window, decode, record, tr
+        self.times_s = None if times_s is None else np.asarray(times_s, dtype=np.float64)
         self.truth, self.prior, self.n_volumes, self.timing = truth, prior, n_volumes, timing
         self.source_failed = source_failed  # what stopped the volumes' writer (a replay), else None
         self.stream = onsets if isinstance(onsets, OnsetStream) else None
@@ -80,7 +85,12 @@ class LiveSession:
     def _add_onsets(self, onsets: list[Onset]) -> None:
         a, b = self.window
         for onset in onsets:
-            trial = Trial(len(self.trials), onset, onset.volume + a, onset.volume + b)
+            if onset.seconds is not None:
+                if self.times_s is None:
+                    raise ValueError("an onset in seconds needs the session's times_s")
+                trial = Trial(len(self.trials), onset, *covering_volumes(onset.seconds, self.times_s, self.tr))
+            else:
+                trial = Trial(len(self.trials), onset, onset.volume + a, onset.volume + b)
             if trial.start < 0:
                 trial.state, trial.why = "skipped", f"its window starts before the run (volume {trial.start})"
             elif trial.stop < MIN_VOLUMES:
@@ -89,8 +99,7 @@ class LiveSession:
                 trial.state, trial.why = "decoded", "already in the output folder"
             self.trials.append(trial)
             if trial.state == "skipped":
-                self._say("warning", f"trial {trial_name(trial.index)} (onset volume {onset.volume}) skipped: "
-                          f"{trial.why}")
+                self._say("warning", f"trial {trial_name(trial.index)} ({onset.where}) skipped: {trial.why}")
 
     def _say(self, level: str, text: str) -> None:
         getattr(logger, level)("%s", text)
@@ -149,26 +158,32 @@ class LiveSession:
                 trial.state, trial.why = "skipped", f"its window [{trial.start}, {trial.stop}) runs past the run's " \
                                                     f"{self.n_volumes} volumes"
             if trial.state == "skipped":
-                self._say("warning", f"trial {trial_name(trial.index)} (onset volume {trial.onset.volume}) skipped: "
-                          f"{trial.why}")
+                self._say("warning", f"trial {trial_name(trial.index)} ({trial.onset.where}) skipped: {trial.why}")
                 continue
             return trial
         return None
 
-    def _ready(self, trial: Trial) -> bool:
+    def ready(self, trial: Trial) -> bool:
+        """Every volume its window needs has arrived (the last: the one at or after its last sample)."""
         return all(self.series.has(i) for i in range(trial.start, trial.stop))
 
     def _decode(self, trial: Trial) -> None:
-        window = self.series.window(trial.start, trial.stop, self.prior)
+        onset = trial.onset
+        if onset.seconds is not None:
+            window = self.series.sampled(onset.seconds, self.times_s, self.tr, self.prior)
+        else:
+            window = self.series.window(trial.start, trial.stop, self.prior)
         image = self.decode(window)
-        truth = self.truth(trial.onset.nsd_id) if self.truth is not None and trial.onset.nsd_id else None
+        known = onset.nsd_id or onset.image
+        truth = self.truth(onset) if self.truth is not None and known else None
         written, seen = self.volumes[trial.stop - 1]
-        result = self.record.add(TrialResult(trial.index, trial.onset.volume, trial.stop - 1, trial.onset.nsd_id,
-                                             written, seen, 0.0), image, truth)
+        result = self.record.add(TrialResult(trial.index, onset.volume, trial.stop - 1, onset.nsd_id, written, seen,
+                                             0.0, onset_s=onset.seconds, stimulus=onset.image), image, truth)
         trial.state = "decoded"
         self.results.append(result)
-        logger.info("trial %s (onset volume %d, NSD id %s): %.3f s after its last volume", result.name,
-                    trial.onset.volume, trial.onset.nsd_id or "?", result.latency_s)
+        label = f"image {onset.image}" if onset.image is not None else f"NSD id {onset.nsd_id or '?'}"
+        logger.info("trial %s (%s, %s): %.3f s after its last volume", result.name, onset.where, label,
+                    result.latency_s)
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
@@ -179,15 +194,23 @@ class LiveSession:
             return False
         return self.stream is None or self.stream.ended
 
+    def step(self) -> tuple[Trial | None, bool]:
+        """One turn of the loop: new volumes and onsets in, then the next waiting trial decoded if it is ready.
+        Returns that trial (None: none waits) and whether it was decoded."""
+        self._ingest()
+        trial = self._next()
+        if trial is not None and self.ready(trial):
+            self._decode(trial)
+            return trial, True
+        return trial, False
+
     def run(self) -> dict:
         self.record.set_status("running")
         final_look = False
         try:
             while not self._stop.is_set():
-                self._ingest()
-                trial = self._next()
-                if trial is not None and self._ready(trial):
-                    self._decode(trial)
+                trial, decoded = self.step()
+                if decoded:
                     continue  # look for new volumes before the next trial
                 if self.finished():
                     break
@@ -233,8 +256,8 @@ class LiveSession:
             "trials": len(self.trials),
             "decoded": sum(t.state == "decoded" for t in self.trials),
             "decoded_now": len(self.results),
-            "skipped": [{"trial": trial_name(t.index), "onset_volume": t.onset.volume, "why": t.why}
-                        for t in self.trials if t.state == "skipped"],
+            "skipped": [{"trial": trial_name(t.index), "onset_volume": t.onset.volume, "onset_s": t.onset.seconds,
+                         "why": t.why} for t in self.trials if t.state == "skipped"],
             "waiting": [trial_name(t.index) for t in self.trials if t.state == "waiting"],
             "volumes": len(self.volumes),
             "missing_volumes": sorted(self.missing),

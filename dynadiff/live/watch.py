@@ -8,7 +8,8 @@ written elsewhere and renamed into the folder, as many export pipelines do, are 
 
 Onsets: a design fixed up front (NSD's design TSV: one line per volume, the 1-based NSD id of the trial starting
 there or 0), or an onset file read as it grows (:class:`OnsetStream`): one line per trial, ``VOLUME [NSD_ID]``,
-in onset order; ``#`` starts a comment; a line ``end`` says no trial follows.
+in onset order; ``#`` starts a comment; a line ``end`` says no trial follows. Or a BIDS ``events.tsv``
+(:func:`events_onsets`), fixed up front: onsets in seconds, each trial labelled by its image's name.
 """
 
 from __future__ import annotations
@@ -147,8 +148,17 @@ class VolumeWatcher:
 
 @dataclasses.dataclass(frozen=True)
 class Onset:
-    volume: int
+    """A trial's onset: at a volume (NSD's design, onset lines), or in seconds (``seconds``, a BIDS events.tsv,
+    whose window is sampled in seconds on the run's grid; ``volume`` is then None)."""
+
+    volume: int | None
     nsd_id: int | None
+    seconds: float | None = None
+    image: str | None = None  # the image's name (events.tsv), which labels the trial
+
+    @property
+    def where(self) -> str:
+        return f"onset {self.seconds:g} s" if self.seconds is not None else f"onset volume {self.volume}"
 
 
 def design_onsets(path: Path) -> list[Onset]:
@@ -161,6 +171,27 @@ def design_onsets(path: Path) -> list[Onset]:
         raise LiveInputError(f"the design {path} should hold one non-negative integer per line (NSD's design TSV: "
                              "the 1-based NSD id of the trial starting at that volume, else 0)")
     return [Onset(int(v), int(values[v])) for v in np.flatnonzero(values)]
+
+
+def events_onsets(path: Path, image_column: str = "stim_file") -> list[Onset]:
+    """The trials of a BIDS ``events.tsv``: its rows naming an image in ``image_column`` (others, ``n/a``, are not
+    trials), in onset order (seconds), labelled by the image's name (:func:`dynadiff.data.bids.read_events`)."""
+    from dynadiff.data.bids import BidsDataError, read_events
+
+    try:
+        with open(path, newline="") as f:
+            header = [h.strip() for h in f.readline().rstrip("\r\n").split("\t")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LiveInputError(f"cannot read the events {path}: {e}") from None
+    if header != [""] and "onset" in header and image_column not in header:
+        raise LiveInputError(f"the events {path} have no '{image_column}' column (columns: {', '.join(header)}): "
+                             "name the column holding the image with --image-column")
+    try:
+        onsets, names = read_events(Path(path), image_column)
+    except BidsDataError as e:
+        raise LiveInputError(str(e)) from None
+    order = np.argsort(onsets, kind="stable")
+    return [Onset(None, None, float(onsets[i]), names[i]) for i in order]
 
 
 class OnsetStream:

@@ -26,16 +26,20 @@ function trialRow(t) {
   // browser would show the image it holds.
   const again = decoded.has(t.trial) && decoded.get(t.trial) !== t.image_written;
   const v = again ? "?v=" + encodeURIComponent(t.image_written) : "";
-  const seen = t.nsd_id === null || t.nsd_id === undefined ? "" : " (NSD image " + t.nsd_id + ")";
+  const named = t.stimulus !== null && t.stimulus !== undefined;  // an events.tsv's trial: its image's name
+  const seen = named ? " (" + t.stimulus + ")"
+    : t.nsd_id === null || t.nsd_id === undefined ? "" : " (NSD image " + t.nsd_id + ")";
   const truth = t.truth ? figure(t.truth + v, "Image shown at " + number + seen, "Ground truth")
     : el("figure", {}, [el("div", {className: "missing", textContent: "Ground truth unknown"}),
                         el("figcaption", {textContent: "Ground truth"})]);
   const meta = el("dl", {}, []);
   const add = (k, v, cls) => { meta.append(el("dt", {textContent: k}),
                                            el("dd", {textContent: v, className: cls || ""})); };
-  add("NSD image", t.nsd_id === null || t.nsd_id === undefined ? "unknown" : String(t.nsd_id), "nsd-id");
+  if (named) add("Image", t.stimulus, "stimulus");
+  else add("NSD image", t.nsd_id === null || t.nsd_id === undefined ? "unknown" : String(t.nsd_id), "nsd-id");
   add("Latency", fmtSeconds(t.latency_s), "latency");
-  add("Onset, last vol.", t.onset_volume + ", " + t.last_volume);
+  if (typeof t.onset_s === "number") add("Onset, last vol.", fmtSeconds(t.onset_s) + ", " + t.last_volume);
+  else add("Onset, last vol.", t.onset_volume + ", " + t.last_volume);
   if (t.image_written) add("Decoded at", fmtTime(t.image_written));
   const row = el("li", {className: "trial new", id: "trial-" + t.name}, [
     figure(t.image + v, "Reconstruction of " + number + " decoded from fMRI", "Reconstruction"), truth,
