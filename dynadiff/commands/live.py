@@ -260,7 +260,9 @@ def run_tr(args: argparse.Namespace) -> float:
     from dynadiff.data.preprocess import TR
     from dynadiff.live.watch import LiveInputError
 
-    header = _header_tr(_nifti(args.replay, "--replay")) if args.replay is not None else None
+    from dynadiff.data.bids import TR_TOLERANCE_S, tr_of_header
+
+    header = tr_of_header(_nifti(args.replay, "--replay").header) if args.replay is not None else None
     if header is not None and args.tr is not None and abs(args.tr - header) > TR_TOLERANCE_S:
         raise LiveInputError(f"--tr {args.tr:g} s disagrees with the NIfTI header of {args.replay} ({header:g} s per "
                              "volume): leave --tr out to use the header's, or fix the header")
@@ -271,18 +273,6 @@ def run_tr(args: argparse.Namespace) -> float:
     if args.events is not None:
         logger.warning("--events: no --tr given, NSD's %.4f s per volume assumed (give the scanner's with --tr)", TR)
     return TR
-
-
-TR_TOLERANCE_S = 1e-3  # an explicit --tr and the run's header that differ by more disagree
-
-
-def _header_tr(img) -> float | None:
-    """Seconds per volume in a 4-D NIfTI header (its 4th zoom, in its time unit), None where it says none."""
-    zooms, unit = img.header.get_zooms(), img.header.get_xyzt_units()[1]
-    scale = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(unit)
-    if len(zooms) < 4 or scale is None or not zooms[3] > 0:
-        return None
-    return float(zooms[3]) * scale
 
 
 def _check_stimuli(folder: Path | None, events, path: Path) -> None:

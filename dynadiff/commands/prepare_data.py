@@ -395,7 +395,7 @@ def main_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     info["subjects"], info["tr"], " ".join(info["overrides"]))
         root = Path(args.path).absolute()
         args.bids, args.derivatives = root, root / "derivatives" / "fmriprep"
-        args.mask = str(root / "derivatives/fmriprep/sub-{subject}/anat/sub-{subject}_space-T1w_desc-nsdgeneral_mask.nii.gz")
+        args.mask = str(args.derivatives / "sub-{subject}/anat/sub-{subject}_space-T1w_desc-nsdgeneral_mask.nii.gz")
         args.test_images = root / "code" / "test_images.txt"
         if not window_splits(args):
             return 0
@@ -419,7 +419,8 @@ def check_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             try:
                 subjects = sorted({int(s) for s in args.subjects})
             except ValueError:
-                parser.error(f"--subjects with --bids: the numbers the participant labels end with, got {args.subjects}")
+                parser.error(f"--subjects with --bids: the numbers the participant labels end with, got "
+                             f"{args.subjects}")
         if not subjects:
             raise bids.BidsDataError(f"{args.bids} has no participant whose label ends with a number")
         for subject in subjects:
@@ -437,7 +438,8 @@ def check_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except KeyboardInterrupt:
         logger.error("interrupted: run the same command again to compute only what is missing")
         return 130
-    logger.info("done: BIDS dataset %s checked%s", args.bids, f", windows cached ({', '.join(splits)})" if splits else "")
+    logger.info("done: BIDS dataset %s checked%s", args.bids,
+                f", windows cached ({', '.join(splits)})" if splits else "")
     return 0
 
 

@@ -44,7 +44,7 @@ if tp.TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_TR_TOLERANCE = 1e-3  # seconds: a sidecar and a header that differ by more disagree
+TR_TOLERANCE_S = 1e-3  # seconds: two TRs of a run (sidecar, header, a flag) that differ by more disagree
 
 
 class BidsDataError(nsd.NsdDataError):
@@ -118,9 +118,19 @@ def subject_label(layout, subject: int) -> str:
         return matches[0]
     shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
     if not matches:
-        raise BidsDataError(f"no participant of {layout.root} has a label ending in {subject} (labels: {shown or 'none'}): "
-                            "choose the subject by the number its label ends with (sub-01 and sub-CSI1 are 1)")
+        raise BidsDataError(f"no participant of {layout.root} has a label ending in {subject} (labels: "
+                            f"{shown or 'none'}): choose the subject by the number its label ends with (sub-01 and "
+                            "sub-CSI1 are 1)")
     raise BidsDataError(f"participants {matches} of {layout.root} all end in {subject}: subject numbers must be unique")
+
+
+def tr_of_header(header) -> float | None:
+    """Seconds per volume in a 4-D NIfTI header (its 4th zoom, in its time unit), None where it says none."""
+    zooms, unit = header.get_zooms(), header.get_xyzt_units()[1]
+    scale = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(unit)
+    if len(zooms) < 4 or scale is None or not zooms[3] > 0:
+        return None
+    return float(zooms[3]) * scale
 
 
 def _tr_of(layout, bold: Path, header) -> float:
@@ -135,11 +145,9 @@ def _tr_of(layout, bold: Path, header) -> float:
         raise BidsDataError(f"{bold}: RepetitionTime {tr!r} in its sidecar is not a number of seconds") from None
     if not tr > 0:
         raise BidsDataError(f"{bold}: RepetitionTime {tr} in its sidecar must be positive")
-    zooms = header.get_zooms()
-    unit = header.get_xyzt_units()[1]
-    if len(zooms) > 3 and zooms[3] > 0 and unit in ("sec", "msec", "usec"):
-        header_tr = float(zooms[3]) * {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}[unit]
-        if abs(header_tr - tr) > _TR_TOLERANCE:
+    header_tr = tr_of_header(header)
+    if header_tr is not None:
+        if abs(header_tr - tr) > TR_TOLERANCE_S:
             raise BidsDataError(f"{bold}: its sidecar's RepetitionTime is {tr:g} s but its NIfTI header says "
                                 f"{header_tr:g} s: fix the wrong one (BIDS takes the sidecar's)")
     return tr

@@ -9,7 +9,7 @@ from pathlib import Path
 from dynadiff.config import TrainConfig
 
 
-EVAL_KEYS = ("data.nsd_dataset_config.nsddata_path", "data.nsd_dataset_config.offset",
+EVAL_KEYS = ("data.nsd_dataset_config.nsddata_path", "data.nsd_dataset_config.bids", "data.nsd_dataset_config.offset",
              "data.nsd_dataset_config.duration", "data.nsd_dataset_config.sessions", "brain_modules_config",
              "versatilediffusion_config.vd_cache_dir", "versatilediffusion_config.dual_attention",
              "versatilediffusion_config.image_size", "versatilediffusion_config.lora_rank",

@@ -222,3 +222,11 @@ def test_fast_demo_on_bids_at_tr_2_trains_evaluates_and_slides_through_the_bids_
         assert np.array_equal(np.asarray(Image.open(eval_dir / f"{i}_gt.png").convert("RGB")), expected)
     saved = json.loads((Path(report["timecourse"]["output_dir"]) / "timecourse.json").read_text())
     assert saved["offsets"] == [2, 3, 4] and saved["n_images"] == 2 and len(saved["rows"]) == 3
+    assert saved["data"] == str(out / "bids")
+    # the eval.py command training prints reads the same BIDS source
+    import shlex
+
+    eval_script = _script("eval")
+    command = shlex.split(report["train_summary"]["eval_command"])
+    printed_cfg = eval_script.build_config(eval_script.parse_args(command[2:]))
+    assert printed_cfg.data.nsd_dataset_config.bids == BidsSource.model_validate(source)
