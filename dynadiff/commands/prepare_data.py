@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--bids: fMRIPrep's output folder (its desc-preproc runs and brain masks are read)")
     bids.add_argument("--space", help="--bids --derivatives: the space of the runs read (e.g. T1w)")
     bids.add_argument("--task", help="--bids: only the runs of this task (default: every run with events)")
+    bids.add_argument("--runs", type=int, nargs="+", metavar="N", help="--bids: only these run numbers (default: all; "
+                      "--sessions chooses sessions by the number their label ends with)")
     bids.add_argument("--mask", metavar="NIFTI",
                       help="--bids: a mask or atlas on the BOLD's grid ({subject} in the path: the participant label)")
     bids.add_argument("--mask-labels", type=int, nargs="+", metavar="N", help="--bids --mask: the atlas labels kept "
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BIDS_FLAGS = {"derivatives": "derivatives", "space": "space", "task": "task", "mask": "mask",
+BIDS_FLAGS = {"derivatives": "derivatives", "space": "space", "task": "task", "runs": "runs", "mask": "mask",
               "mask_labels": "mask_labels", "image_column": "image_column", "stimuli": "stimuli",
               "test_images": "test_images"}  # flag (attribute) -> BidsSource field
 

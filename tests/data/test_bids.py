@@ -104,6 +104,12 @@ def test_trials_repeated_images_are_the_test_split(tmp_path):
     assert items[0].volumes == (2.0, 30.0) and items[1].volumes == (4.0, 26.0)
     items, trials = list_trials(_cfg(root, split="train"))
     assert [t.nsd_id for t in trials] == [3, 4, 5]
+    # runs (and tasks, sessions) select the runs read; the test list then decides the split
+    (root / "test.txt").write_text("a.png\n")
+    items, trials = list_trials(_cfg(root, split="train", runs=[1], test_images=root / "test.txt"))
+    assert [item.run.run for item in items] == [1] and [t.nsd_id for t in trials] == [3, 2]
+    with pytest.raises(bids.BidsDataError, match="no BOLD run of sub-01 task-other"):
+        list_trials(_cfg(root, task="other"))
 
 
 def test_train_events_whose_window_runs_past_the_run_are_left_out(tmp_path):
