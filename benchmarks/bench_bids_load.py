@@ -78,7 +78,7 @@ from dynadiff.data.synthetic import write_synthetic_nsd
 from dynadiff.data.synthetic_bids import write_synthetic_bids
 root, runs = sys.argv[1], int(sys.argv[2])
 params = dict(sessions=(1,), runs_per_session=runs, n_unique=(62 * runs - 40) // 3, n_test=20,
-              volume_shapes={1: %r}, seed=0)
+              volume_shapes={1: %r}, visual_fraction=0.05, seed=0)  # about NSD's 15.7k visual voxels
 write_synthetic_nsd(root + "/nsd", subjects=(1,), **params)
 write_synthetic_bids(root + "/bids", subjects=(1,), **params)
 """ % (SHAPE,)

@@ -145,12 +145,12 @@ def sample_windows(run: np.ndarray, onsets_s, times_s, tr: float) -> np.ndarray:
         raise ValueError(f"the window of the event at {float(np.asarray(onsets_s)[bad]):.3f} s samples "
                          f"{pos[bad, 0] * tr:.2f} .. {pos[bad, -1] * tr:.2f} s, outside the run's "
                          f"0 .. {(n_time - 1) * tr:.2f} s")
-    out = np.empty((pos.shape[0], run.shape[0], pos.shape[1]), dtype=np.float32)
-    lo = np.minimum(np.floor(pos).astype(np.int64), n_time - 1)
-    frac = (pos - lo).astype(np.float32)
-    hi = np.minimum(lo + 1, n_time - 1)
-    for e in range(pos.shape[0]):
-        for j in range(pos.shape[1]):
-            f = frac[e, j]
-            out[e, :, j] = run[:, lo[e, j]] if f == 0 else (1 - f) * run[:, lo[e, j]] + f * run[:, hi[e, j]]
-    return out
+    lo = np.minimum(np.floor(pos).astype(np.int64), n_time - 1).ravel()
+    frac = (pos.ravel() - lo).astype(np.float32)
+    out = np.asarray(run[:, lo], dtype=np.float32)  # (voxels, events * samples): every sample's lower volume
+    between = np.flatnonzero(frac > 0)  # samples off the grid: (1 - f) * lower + f * upper
+    if between.size:
+        f = frac[between]
+        out[:, between] = (1 - f) * out[:, between] + f * np.asarray(run[:, np.minimum(lo[between] + 1, n_time - 1)],
+                                                                      dtype=np.float32)
+    return np.ascontiguousarray(out.reshape(run.shape[0], *pos.shape).transpose(1, 0, 2))
