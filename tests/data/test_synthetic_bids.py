@@ -158,7 +158,8 @@ def test_at_tr_2_the_response_peaks_hrf_peak_s_after_the_onset(at_tr_2):
 def _validator() -> str:
     found = shutil.which("bids-validator-deno") or str(Path(sys.executable).parent / "bids-validator-deno")
     if not Path(found).is_file():
-        pytest.skip("bids-validator-deno is not installed (pip install -r requirements-dev.txt)")
+        pytest.fail("bids-validator-deno is not installed: it is a pinned test tool (./setup.sh installs "
+                    "requirements-dev.txt)")
     return found
 
 
