@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from scripts import generated, run_eval
+from scripts import eval_here, generated, run_eval
 
 from dynadiff.config import MiouConfig
 from dynadiff.miou import SegmentationError, Segmenter, build_segmenter, check_segmenter, compute_miou, segment
@@ -83,7 +83,9 @@ def calls(script: Path) -> list[int]:
     return [int(x) for x in log.read_text().split()] if log.exists() else []
 
 
-def test_miou_end_to_end_cached_and_labelled(setup, tmp_path, stand_in):
+def test_miou_end_to_end_cached_and_labelled(setup, tmp_path, stand_in, caplog, monkeypatch):
+    """The first run in its own process, as a user runs it; the reruns, whose subject is the segmentation cache,
+    in this one."""
     cache = tmp_path / "cache"
     seg = f"miou.segmenter={json.dumps(command(stand_in))}"
     proc = run_eval(setup, cache, "--limit", str(N), "--metrics", "pixcorr", "--compute-miou", seg, "miou.n_classes=8")
@@ -108,24 +110,24 @@ def test_miou_end_to_end_cached_and_labelled(setup, tmp_path, stand_in):
     assert calls(stand_in) == [2 * N]  # one call, every image of the pairs (the images differ)
 
     # another run on the same images (other metrics: another run id) segments nothing again
-    again = run_eval(setup, cache, "--limit", str(N), "--metrics", "pixcorr,ssim", "--compute-miou", seg,
-                     "miou.n_classes=8")
-    assert again.returncode == 0, again.stderr
-    assert generated(again.stderr) == 0 and calls(stand_in) == [2 * N]
+    code, log = eval_here(setup, cache, "--limit", str(N), "--metrics", "pixcorr,ssim", "--compute-miou", seg,
+                          "miou.n_classes=8", caplog=caplog, monkeypatch=monkeypatch)
+    assert code == 0, log
+    assert generated(log) == 0 and calls(stand_in) == [2 * N]
     assert json.loads((out / "metrics.json").read_text())["miou"]["per_image"] == miou["per_image"]
     # one more image: only its two images are segmented
-    more = run_eval(setup, cache, "--limit", str(N + 1), "--metrics", "pixcorr", "--compute-miou", seg,
-                    "miou.n_classes=8")
-    assert more.returncode == 0, more.stderr
+    code, log = eval_here(setup, cache, "--limit", str(N + 1), "--metrics", "pixcorr", "--compute-miou", seg,
+                          "miou.n_classes=8", caplog=caplog, monkeypatch=monkeypatch)
+    assert code == 0, log
     assert calls(stand_in) == [2 * N, 2]
 
 
-def test_failing_segmenter_writes_no_metrics(setup, tmp_path, stand_in):
+def test_failing_segmenter_writes_no_metrics(setup, tmp_path, stand_in, caplog, monkeypatch):
     cache = tmp_path / "cache"
-    proc = run_eval(setup, cache, "--limit", "2", "--metrics", "pixcorr", "--compute-miou",
-                    f"miou.segmenter={json.dumps(command(stand_in, 'fail'))}")
-    assert proc.returncode == 1
-    err = proc.stderr
+    code, err = eval_here(setup, cache, "--limit", "2", "--metrics", "pixcorr", "--compute-miou",
+                          f"miou.segmenter={json.dumps(command(stand_in, 'fail'))}", caplog=caplog,
+                          monkeypatch=monkeypatch)
+    assert code == 1
     assert "the segmenter failed (exit status 3)" in err
     assert "| RuntimeError: CUDA out of memory (stand-in)" in err and "| loading the model..." in err
     rerun = err.split("rerun it by hand to see everything: ")[1].splitlines()[0]
@@ -137,16 +139,17 @@ def test_failing_segmenter_writes_no_metrics(setup, tmp_path, stand_in):
     assert not (out / "metrics.json").exists() and not list(cache.glob("reconstructions_*/metrics.json"))
 
 
-def test_missing_segmenter_is_one_line_before_any_work(setup, tmp_path):
+def test_missing_segmenter_is_one_line_before_any_work(setup, tmp_path, caplog, monkeypatch):
     cache = tmp_path / "cache"
-    proc = run_eval(setup, cache, "--limit", "2", "--compute-miou", "miou.segmenter=[/nonexistent/segment]")
-    assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line or "error" in line.lower()]
-    assert "the segmenter program /nonexistent/segment is not there" in proc.stderr, proc.stderr
-    assert len(errors) == 1 and generated(proc.stderr) == 0 and "Traceback" not in proc.stderr
+    code, log = eval_here(setup, cache, "--limit", "2", "--compute-miou", "miou.segmenter=[/nonexistent/segment]",
+                          caplog=caplog, monkeypatch=monkeypatch)
+    assert code == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "the segmenter program /nonexistent/segment is not there" in log, log
+    assert len(errors) == 1 and "\n" not in errors[0].getMessage() and generated(log) == 0
     # the default, the paper's ViT-Adapter, without its environment: how to build it
-    default = run_eval(setup, cache, "--limit", "2", "--compute-miou")
-    assert default.returncode == 1 and "./setup_miou.sh" in default.stderr and generated(default.stderr) == 0
+    code, log = eval_here(setup, cache, "--limit", "2", "--compute-miou", caplog=caplog, monkeypatch=monkeypatch)
+    assert code == 1 and "./setup_miou.sh" in log and generated(log) == 0
 
 
 @pytest.mark.parametrize(("mode", "message"), [
