@@ -148,10 +148,12 @@ def run_timecourse(decoders: tp.Sequence[SweepModel], offsets: tp.Sequence[int] 
         for j, k in tests:
             cells[(j, k)] = measure(j, k)
             r = cells[(j, k)]
-            logger.info("%s offset %+d (volumes t%+d .. t%+d): %d images%s",
-                        "" if sliding else f"model of offset {decoders[j].window.offset:+d},", k, k,
-                        k + decoders[j].window.n_trs - 1, r["n_images"],
-                        "".join(f", {m} {v['mean']:.3f}" for m, v in r["metrics"].items()))
+            # a BIDS source's windows are sampled in seconds (NSD's TR steps from the onset), not cut from volumes
+            where = (f"volumes t{k:+d} .. t{k + decoders[j].window.n_trs - 1:+d}" if nsd_cfg.bids is None else
+                     f"t{k * TR:+.1f} .. t{(k + decoders[j].window.n_trs - 1) * TR:+.1f} s")
+            logger.info("%s offset %+d (%s): %d images%s",
+                        "" if sliding else f"model of offset {decoders[j].window.offset:+d},", k, where,
+                        r["n_images"], "".join(f", {m} {v['mean']:.3f}" for m, v in r["metrics"].items()))
         rows = [cells[(0, k)] for k in diagonal] if sliding else [cells[(j, d.window.offset)]
                                                                  for j, d in enumerate(decoders)]
         metrics = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
