@@ -58,6 +58,7 @@ import os
 import sys
 import threading
 import time
+import typing as tp
 from pathlib import Path
 
 from dynadiff.commands import default_config
@@ -406,12 +407,12 @@ def main_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def check_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """List every chosen participant's trials (which checks the dataset), say what each has, then the windows."""
-    from dynadiff.cli import ConfigError
     from dynadiff.data import bids
 
     splits = window_splits(args)
     sessions = sorted(set(args.sessions)) if args.sessions is not None else None
-    try:
+
+    def steps() -> int:
         source = windows_config(args, 0, "test", sessions).bids
         layout = bids.open_layout(source)
         if args.subjects is None:
@@ -431,18 +432,30 @@ def check_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             code = prepare_windows(plan_windows(args, subjects, splits, sessions))
             if code:
                 return code
-    except (bids.BidsDataError, nsd.NsdDataError) as e:
+        logger.info("done: BIDS dataset %s checked%s", args.bids,
+                    f", windows cached ({', '.join(splits)})" if splits else "")
+        return 0
+
+    return exit_status(steps, "interrupted: run the same command again to compute only what is missing")
+
+
+def exit_status(step: tp.Callable[[], int], interrupted: str) -> int:
+    """``step()``'s exit status, or the error's: 1 for a data or download error, 2 for a configuration one (its
+    line logged), 130 for Ctrl-C (``interrupted`` logged: what the same command does next)."""
+    from dynadiff.cli import ConfigError
+    from dynadiff.data.download import DownloadError
+
+    try:
+        return step()
+    except (DownloadError, nsd.NsdDataError) as e:
         logger.error("%s", e)
         return 1
     except ConfigError as e:
         logger.error("%s", e)
         return 2
     except KeyboardInterrupt:
-        logger.error("interrupted: run the same command again to compute only what is missing")
+        logger.error("%s", interrupted)
         return 130
-    logger.info("done: BIDS dataset %s checked%s", args.bids,
-                f", windows cached ({', '.join(splits)})" if splits else "")
-    return 0
 
 
 def check_path(args: argparse.Namespace, download: bool) -> None:
@@ -467,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.getLogger("botocore").setLevel(logging.INFO)
 
-    from dynadiff.data.download import DownloadError, download_nsd, parse_aws_args, parse_bucket_url
+    from dynadiff.data.download import download_nsd, parse_aws_args, parse_bucket_url
 
     if args.bids is not None or args.openneuro is not None or args.format == "bids":
         return main_bids(args, parser)
@@ -543,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # exca logs a failed computation's traceback as a warning; the failure report says what to do instead
         logging.getLogger("exca").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
-    try:
+    def steps() -> int:
         sessions = sorted(set(args.sessions)) if args.sessions is not None else None
         if args.synthetic:
             from dynadiff.data.synthetic import write_synthetic_nsd
@@ -564,17 +577,10 @@ def main(argv: list[str] | None = None) -> int:
             code = prepare_windows(plan_windows(args, subjects, splits, sessions))
             if code:
                 return code
-    except (DownloadError, NsdDataError) as e:
-        logger.error("%s", e)
-        return 1
-    except ConfigError as e:
-        logger.error("%s", e)
-        return 2
-    except KeyboardInterrupt:
-        logger.error("interrupted: run the same command again to resume")
-        return 130
-    logger.info("done: NSD data in %s", args.path)
-    return 0
+        logger.info("done: NSD data in %s", args.path)
+        return 0
+
+    return exit_status(steps, "interrupted: run the same command again to resume")
 
 
 if __name__ == "__main__":
