@@ -508,6 +508,13 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = pydantic.Field(1000, ge=1)  # steps between checkpoints (and at the end)
     output_dir: Path = Path("./runs/train")
     resume: bool = False  # continue from output_dir/checkpoints/last
+    # A new subject from a pretrained model (train.py --init-from; docs/training.md): the checkpoint's weights, its
+    # subject layers kept (their subjects still decode), a layer added for each subject of this run it lacks
+    init_from: Path | None = None
+    init_subjects: list[int] | None = None  # the checkpoint's subject layers, in order (train.py reads them)
+    init_n_voxels: int | None = pydantic.Field(None, ge=1)  # its input width (likewise)
+    init_digest: str = ""  # its files' digest: a rewritten checkpoint is a new run
+    init_subject_steps: int = pydantic.Field(0, ge=0)  # the first steps train the new subjects' layers alone
     progress: bool = True  # console progress bar
     shard_optimizer: bool = False  # data-parallel: AdamW moments split over the processes (ZeRO-1)
     # data-parallel: seconds a collective may wait (longer than a checkpoint, a validation or a sample grid)
@@ -526,6 +533,12 @@ class TrainConfig(StrictModel):
             )
         if self.data.val_fraction == 0 and self.val_every:
             raise ValueError("val_fraction is 0 (no validation split): set val_every=0 too, or a val_fraction > 0")
+        if self.init_from is not None and (self.init_subjects is None or self.init_n_voxels is None):
+            raise ValueError("init_from needs init_subjects and init_n_voxels, what the checkpoint records: give it "
+                             "with train.py --init-from, which reads them")
+        if self.init_from is None and self.init_subject_steps:
+            raise ValueError("init_subject_steps is the first steps of a run started from a checkpoint: give "
+                             "--init-from, or leave it at 0")
         tasks = (self.infra.nodes or 1) * (self.infra.tasks_per_node or 1)
         if tasks > 1 and self.infra.cluster is None:
             raise ValueError(f"infra: nodes x tasks_per_node = {tasks} processes need a cluster (infra.cluster slurm, "
@@ -534,7 +547,15 @@ class TrainConfig(StrictModel):
 
     @property
     def subjects(self) -> list[int]:
+        """The subjects whose data this run trains on."""
         return self.data.subject_list
+
+    @property
+    def model_subjects(self) -> list[int]:
+        """The model's subject layers, in order: the pretrained checkpoint's (``init_from``), then this run's
+        subjects it lacks; without ``init_from``, this run's subjects."""
+        first = list(self.init_subjects or [])
+        return first + [s for s in self.subjects if s not in first]
 
     @infra.apply(exclude_from_cache_uid=("device", "cpu_threads", "progress", "resume", "data.num_workers",
                                          "dist_timeout_s", "shard_optimizer"))

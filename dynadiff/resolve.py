@@ -16,7 +16,7 @@ from pathlib import Path
 from dynadiff.cli import ConfigError, load_yaml, override_tree, set_dotted, validate
 
 if tp.TYPE_CHECKING:
-    from dynadiff.config import EvalConfig
+    from dynadiff.config import EvalConfig, TrainConfig
     from dynadiff.decoder import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -116,3 +116,65 @@ def resolve_eval(tree: dict, on_command_line: set[str]) -> "EvalConfig":
     checked = preflight(validate(EvalConfig, tree))
     return with_checkpoint(tree, checked.checkpoint, on_command_line, checkpoint_digest=checked.checkpoint.digest,
                            data_digest=checked.data_digest)
+
+
+# what a run from a pretrained model takes from it, unless given on the command line (then they must agree)
+PRETRAINED_VD_KEYS = ("dual_attention", "lora_rank", "lora_alpha", "lora_target_modules")
+
+
+def with_pretrained(tree: dict, on_command_line: set[str]) -> "TrainConfig":
+    """``train.py``'s configuration ``tree`` (with ``init_from``), completed from that checkpoint: its subjects,
+    input width and digest, and the brain module and LoRA it was trained with (given on the command line, they must
+    agree), and its window unless one is given (of as many TRs). A :class:`ConfigError` of one line for a
+    checkpoint that cannot start this run: unreadable, without recorded subjects, another configuration or number
+    of TRs per window, or ``--resume`` as well."""
+    from dynadiff.config import TrainConfig
+    from dynadiff.data.preprocess import window_bounds
+    from dynadiff.decoder import CheckpointInfo, DecoderError
+
+    if tree.get("resume"):
+        raise ConfigError("--init-from starts a new run from a checkpoint, --resume continues a run from its own: "
+                          "give one of them")
+    try:
+        info = CheckpointInfo.read(tree["init_from"])
+    except DecoderError as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    if info.kind != "safetensors" or info.subjects is None or info.n_voxels is None or info.n_timepoints is None:
+        raise ConfigError(f"--init-from {info.path}: it records no subjects (a published or converted checkpoint): "
+                          "give a train.py checkpoint (RUN/checkpoints/best/model.safetensors)")
+    for key, value in (("init_from", str(info.path)), ("init_subjects", info.subjects),
+                       ("init_n_voxels", info.n_voxels), ("init_digest", info.digest)):
+        tree = set_dotted(tree, key, value)
+    given = validate(TrainConfig, tree).model_dump(mode="json")
+    recorded = {**{f"brain_modules_config.{k}": v for k, v in (info.brain_config or {}).items()},
+                **{f"versatilediffusion_config.{k}": v for k, v in (info.vd_config or {}).items()
+                   if k in PRETRAINED_VD_KEYS}}
+    window_given = bool({"data.nsd_dataset_config.offset", "data.nsd_dataset_config.duration"} & on_command_line)
+    if not window_given:
+        recorded.update({f"data.nsd_dataset_config.{k}": v for k, v in (info.window or {}).items()})
+    conflicts, taken = [], []
+    for key, value in recorded.items():
+        section, name = key.rsplit(".", 1)
+        current = given
+        for part in section.split("."):
+            current = current[part]
+        if current.get(name) == value:
+            continue
+        if key in on_command_line or section in on_command_line:
+            conflicts.append(f"{key}={current.get(name)!r} (checkpoint: {value!r})")
+        else:
+            tree = set_dotted(tree, key, value)
+            taken.append(f"{key}={value}")
+    if conflicts:
+        raise ConfigError(f"--init-from {info.path} was trained with other settings than those given: "
+                          f"{', '.join(conflicts)}; drop them (the checkpoint's are used)")
+    cfg = validate(TrainConfig, tree)
+    data = cfg.data.nsd_dataset_config
+    start, stop = window_bounds(0, data.offset, data.duration)
+    if stop - start != info.n_timepoints:
+        raise ConfigError(f"--init-from {info.path} reads windows of {info.n_timepoints} TRs, this run's are "
+                          f"{stop - start} (offset {data.offset} s, duration {data.duration} s): give a window of "
+                          f"{info.n_timepoints} TRs (--window), or none (the checkpoint's)")
+    if taken:
+        logger.info("from the checkpoint this run starts from: %s", ", ".join(taken))
+    return cfg

@@ -100,7 +100,7 @@ def test_the_product_holds_no_tooling_and_loads_no_file_by_path():
 
 def test_one_module_builds_decoders_from_checkpoints():
     """Only dynadiff/decoder.py turns a checkpoint into a model that draws images (training's --resume loads its
-    own state into the model it trains)."""
+    own state into the model it trains, and --init-from a pretrained model's weights)."""
     callers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                      if re.search(r"\bload_checkpoint\(", p.read_text()) and p.name != "io.py")
     assert callers == ["decoder.py", "training/checkpoints.py"], callers

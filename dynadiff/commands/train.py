@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", metavar="START:STOP", help="the fMRI window in TRs from the onset volume t: volumes "
                    "t+START .. t+STOP-1 (published: 3:9; 1 TR: e.g. 4:5); sets data.nsd_dataset_config.offset and "
                    "duration (seconds)")
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="start from a train.py checkpoint (of one subject or several): its weights, its subjects' "
+                   "layers kept, a new layer for each subject of this run it lacks (docs/training.md, 'A new "
+                   "subject'); init_subject_steps=N: the first N steps train the subject layers alone")
     p.add_argument("--config", type=Path, help="base YAML config (default config/train.yaml; with --resume, the run's)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied last")
@@ -122,7 +126,17 @@ def build_config(args: argparse.Namespace):
         if train_section is not None and train_section.folder is None:  # null: the cache folder (--cache wins)
             overrides.append("infra.folder=./cache")
     overrides += flag_overrides(args)
-    return apply_overrides(TrainConfig, base_config(args), overrides + list(args.overrides))
+    items = overrides + list(args.overrides)
+    if args.init_from is not None:
+        items.append(f"init_from={json.dumps(str(args.init_from))}")
+    if any(item.split("=", 1)[0].strip() == "init_from" for item in items):
+        from dynadiff.cli import override_tree
+        from dynadiff.resolve import given_keys, with_pretrained
+
+        # completed from the checkpoint it starts from (its subjects, width, brain module, window, LoRA)
+        return with_pretrained(override_tree(TrainConfig, base_config(args), items),
+                               given_keys([*flag_overrides(args), *args.overrides]))
+    return apply_overrides(TrainConfig, base_config(args), items)
 
 
 def check_before_run(cfg) -> None:

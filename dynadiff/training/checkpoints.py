@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ from dynadiff.files import write_dir_atomically
 from dynadiff.training.errors import TrainingError
 from dynadiff.training.optim import indexed_param_groups
 
+logger = logging.getLogger(__package__)
+
+SUBJECT_LAYERS = "brain_modules.clip_image.subject_layers."  # weights (S, V, H), weights_2 (S, H, H), bias (S, H)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 STATE_FORMAT = "1"
@@ -34,7 +38,8 @@ def complete_checkpoint_dir(target: Path) -> Path | None:
 
 
 def _checkpoint_metadata(cfg: TrainConfig, step: int, extra: dict) -> dict:
-    return {"step": step, "subjects": cfg.subjects, "train_config": json.loads(cfg.model_dump_json()), **extra}
+    # subjects: the model's subject layers (a pretrained model's, then this run's), what eval.py picks a layer from
+    return {"step": step, "subjects": cfg.model_subjects, "train_config": json.loads(cfg.model_dump_json()), **extra}
 
 
 def save_training_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, param_names: list[str], sched,
@@ -135,3 +140,31 @@ def load_training_state(state: ResumeState, model, opt: torch.optim.Optimizer, p
     scaler_state = json.loads(meta["scaler"])
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
+
+
+def load_pretrained(model, cfg: TrainConfig) -> None:
+    """The checkpoint ``cfg.init_from``'s tensors into ``model`` (built for ``cfg.model_subjects``)."""
+    from dynadiff.checkpoint import CheckpointError, load_checkpoint, read_state_dict
+
+    try:
+        saved = read_state_dict(cfg.init_from)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise TrainingError(f"--init-from {cfg.init_from}: cannot read it ({e})") from None
+    current = dict(model.named_parameters())
+    n_old = len(cfg.init_subjects)
+    merged = {}
+    for name, tensor in saved.items():
+        if name.startswith(SUBJECT_LAYERS) and name in current:
+            slot = current[name].detach().clone()  # the new subjects' layers: as initialised
+            slot[:n_old] = 0  # the old subjects' rows beyond their width: zeros
+            slot[(slice(0, n_old),) + tuple(slice(0, n) for n in tensor.shape[1:])] = tensor.to(slot.dtype)
+            merged[name] = slot
+        else:
+            merged[name] = tensor
+    report = load_checkpoint(model, merged)
+    if not report.ok:
+        raise TrainingError(f"--init-from {cfg.init_from}: its tensors do not fit this run's model ({report}); "
+                            "was it trained with another configuration?")
+    new = [s for s in cfg.model_subjects if s not in cfg.init_subjects]
+    logger.info("initialised from %s: the layers of subject(s) %s kept%s, every other tensor loaded", cfg.init_from,
+                cfg.init_subjects, f", a new layer for subject(s) {new}" if new else "")

@@ -59,7 +59,7 @@ class TrainingSamples:
 class TrainingData:
     train: TrainingSamples
     val: TrainingSamples
-    n_voxels: int  # the largest voxel count of the subjects (the model's input size)
+    n_voxels: int  # the model's input size: the largest voxel count of the subjects (or a pretrained model's width)
     n_timepoints: int
     voxels_per_subject: dict[int, int]
 
@@ -70,7 +70,8 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
 
     datasets, refs = [], []
     for idx, subject in enumerate(cfg.subjects):
-        ds = cfg.data.subject_config(subject).build(subject_idx=idx)
+        # its layer of the model: its position among the model's subjects (a pretrained model's come first)
+        ds = cfg.data.subject_config(subject).build(subject_idx=cfg.model_subjects.index(subject))
         datasets.append(ds)
         refs += [(idx, j) for j in range(len(ds))]
     counts = {s: ds.n_voxels for s, ds in zip(cfg.subjects, datasets)}
@@ -84,7 +85,7 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
     if cfg.data.shuffle_pairs:
         perm = np.random.default_rng([*seed_words(cfg.seed), 11]).permutation(len(train_refs))
         brain_refs = [train_refs[i] for i in perm]
-    n_voxels = max(counts.values())
+    n_voxels = max(*counts.values(), cfg.init_n_voxels or 0)  # a pretrained model's width, if wider
     data = TrainingData(
         train=TrainingSamples(datasets, train_refs, n_voxels, brain_refs),
         val=TrainingSamples(datasets, [refs[i] for i in val_pos], n_voxels),

@@ -79,14 +79,15 @@ class DataParallel:
 def optimizer_step(model, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], micro_batches: tp.Iterable[dict],
                    accumulation: int, step: int, seed: int, grad_clip: float | None,
                    autocast_dtype: torch.dtype | None = None, scaler=None,
-                   parallel: DataParallel | None = None) -> tuple[float, float]:
+                   parallel: DataParallel | None = None, holds=None) -> tuple[float, float]:
     """One optimizer step over ``accumulation`` micro-batches: (mean loss, gradient norm before clipping).
 
     Micro-batch ``m`` of step ``step`` draws its diffusion noise from a generator seeded
     by ``(seed, step, m)`` and its dropout from the global generators seeded likewise.
     With ``parallel``, every process seeds alike, draws for the global micro-batch and keeps its rows;
     DDP averages the gradients (once per step: the other micro-batches accumulate without
-    synchronisation) and the returned loss is the mean over the processes.
+    synchronisation) and the returned loss is the mean over the processes. ``holds``
+    (:class:`dynadiff.training.pretrained.Holds`): what a run from a pretrained model keeps still.
     """
     device = model.device
     opt.zero_grad(set_to_none=True)
@@ -116,12 +117,17 @@ def optimizer_step(model, opt: torch.optim.Optimizer, params: list[torch.nn.Para
         (step_loss,) = all_mean([step_loss], parallel.world, parallel.device)
     if scaler:
         scaler.unscale_(opt)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
+    if holds is not None:
+        holds.before_step(step)
+    live = [p for p in params if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(live, grad_clip if grad_clip is not None else float("inf")))
     if scaler:
         scaler.step(opt)
         scaler.update()
     else:
         opt.step()
+    if holds is not None:
+        holds.after_step()
     return step_loss, grad_norm
 
 
@@ -169,12 +175,18 @@ def sample_grid(model, data: TrainingSamples, n: int, seed: int) -> np.ndarray:
 
 
 def init_model(cfg: TrainConfig, data: TrainingData, device: torch.device | str = "cpu"):
-    """The decoder at step 0 (eval mode): its brain module and LoRA initialisation depend on ``cfg.seed`` only."""
+    """The decoder at step 0 (eval mode): its brain module and LoRA initialisation depend on ``cfg.seed`` only; from
+    a pretrained model (``cfg.init_from``), its tensors loaded (:func:`dynadiff.training.checkpoints.load_pretrained`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_seed(cfg.seed, 0, 0, _INIT))
-        return cfg.versatilediffusion_config.build(
-            cfg.brain_modules_config, n_voxels=data.n_voxels, n_subjects=len(cfg.subjects),
-            n_timepoints=data.n_timepoints, device=device)
+        model = cfg.versatilediffusion_config.build(
+            cfg.brain_modules_config, n_voxels=data.n_voxels,
+            n_subjects=len(cfg.model_subjects), n_timepoints=data.n_timepoints, device=device)
+    if cfg.init_from is not None:
+        from dynadiff.training.checkpoints import load_pretrained
+
+        load_pretrained(model, cfg)
+    return model
 
 
 def _finished_summary(out: Path, steps: int) -> dict | None:
@@ -261,7 +273,7 @@ def _train(cfg: TrainConfig, world) -> dict:
         log = CsvLog(out / "log.csv", start if resume is not None else None)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     logger.info("model: %d trainable parameters (brain module + LoRA), %d subject(s), %d voxels; device %s, autocast %s",
-                n_trainable, len(cfg.subjects), data.n_voxels, device, autocast_dtype)
+                n_trainable, len(cfg.model_subjects), data.n_voxels, device, autocast_dtype)
     samples_per_step = cfg.batch_size * world.size * cfg.grad_accumulation
     logger.info("global batch: %d samples per optimizer step = batch_size %d x %d process(es) x grad_accumulation %d%s",
                 samples_per_step, cfg.batch_size, world.size, cfg.grad_accumulation,
@@ -275,6 +287,11 @@ def _train(cfg: TrainConfig, world) -> dict:
         persistent_workers=False)
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
+    holds = None
+    if cfg.init_from is not None:
+        from dynadiff.training.pretrained import Holds
+
+        holds = Holds(model, cfg)
     window_t = time.perf_counter()
     t0 = time.perf_counter()
     last_val, last_loss = None, None
@@ -311,7 +328,8 @@ def _train(cfg: TrainConfig, world) -> dict:
             lr = sched.get_last_lr()[0]
             micro_batches = (next(batches) for _ in range(cfg.grad_accumulation))
             step_loss, grad_norm = optimizer_step(model, opt, params, micro_batches, cfg.grad_accumulation, step,
-                                                  cfg.seed, cfg.optim.grad_clip, autocast_dtype, scaler, parallel)
+                                                  cfg.seed, cfg.optim.grad_clip, autocast_dtype, scaler, parallel,
+                                                  holds)
             sched.step()
             done = step + 1
             last_loss = step_loss
