@@ -84,6 +84,8 @@ class NsdDatasetConfig(StrictModel):
     offset: float = 4.6  # seconds from trial onset to the window start
     duration: float = 8.0  # seconds
     sessions: list[int] | None = None  # None: all 40 sessions
+    # the first K of those sessions in chronological order (a new subject's first hours: train.py --first-sessions)
+    first_sessions: int | None = pydantic.Field(None, ge=1)
     image_size: int = 512
     infra: exca.MapInfra = exca.MapInfra(folder="./cache", version="1")
 
@@ -118,7 +120,7 @@ class NsdDatasetConfig(StrictModel):
 
     @infra.apply(
         item_uid=lambda item: item.uid,
-        exclude_from_cache_uid=("averaged", "seed", "split", "sessions", "image_size"),
+        exclude_from_cache_uid=("averaged", "seed", "split", "sessions", "first_sessions", "image_size"),
     )
     def run_windows(self, items: tp.Sequence[nsd.RunEvents]) -> tp.Iterator[np.ndarray]:
         """Per item (one run and some of its event volumes): windows (n_events, voxels, n_trs) float32.

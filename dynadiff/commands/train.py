@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", metavar="START:STOP", help="the fMRI window in TRs from the onset volume t: volumes "
                    "t+START .. t+STOP-1 (published: 3:9; 1 TR: e.g. 4:5); sets data.nsd_dataset_config.offset and "
                    "duration (seconds)")
+    p.add_argument("--first-sessions", type=int, metavar="K",
+                   help="train on the subject's first K sessions only, in chronological order (of those "
+                   "data.nsd_dataset_config.sessions names; a BIDS dataset's ses- labels by their number)")
     p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                    help="start from a train.py checkpoint (of one subject or several): its weights, its subjects' "
                    "layers kept, a new layer for each subject of this run it lacks (docs/training.md, 'A new "
@@ -83,6 +86,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append("resume=true")
     if args.window is not None:
         out += window_keys(args.window)
+    if args.first_sessions is not None:
+        out.append(f"data.nsd_dataset_config.first_sessions={args.first_sessions}")
     if args.cache is not None:
         out.append(f"data.nsd_dataset_config.infra.folder={args.cache}")
         if args.infra_yaml is not None:  # the training job's exca folder (submitit logs, cached result)

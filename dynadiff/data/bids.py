@@ -202,11 +202,24 @@ def list_runs(cfg: "NsdDatasetConfig") -> list[BidsRun]:
     masks = {} if src.mask is not None or src.derivatives is None else _by_entities(
         layout.get(scope="derivatives", subject=label, suffix="mask", desc="brain", extension=[".nii.gz", ".nii"]),
         _RUN_ENTITIES + ("space",), Path(src.derivatives))
+    if cfg.first_sessions is not None:  # the first K sessions in chronological order (their labels' numbers)
+        from dynadiff.data.dataset import first_sessions
+
+        present = {_label_number(str(b.entities["session"])) for b in bolds if b.entities.get("session") is not None}
+        present.discard(None)
+        if cfg.sessions is not None:
+            present &= set(cfg.sessions)
+        try:
+            keep = set(first_sessions(present, cfg.first_sessions, f"sub-{label} in {where}"))
+        except nsd.NsdDataError as e:
+            raise BidsDataError(str(e)) from None
     runs: list[BidsRun] = []
     for bold in bolds:
         ent = bold.entities
         session, run = ent.get("session"), ent.get("run")
         if cfg.sessions is not None and (session is None or _label_number(str(session)) not in cfg.sessions):
+            continue
+        if cfg.first_sessions is not None and (session is None or _label_number(str(session)) not in keep):
             continue
         if src.runs is not None and (run is None or int(run) not in src.runs):
             continue

@@ -147,7 +147,8 @@ def list_trials(cfg: "NsdDatasetConfig", check_windows: bool = True) -> tuple[li
 
         return bids.list_trials(cfg, check_windows)
     root = Path(cfg.nsddata_path)
-    runs = nsd.list_runs(cfg.subject, cfg.sessions)
+    runs = nsd.list_runs(cfg.subject, first_sessions(cfg.sessions or range(1, nsd.N_SESSIONS + 1),
+                                                     cfg.first_sessions, f"NSD subject {cfg.subject}"))
     nsd.check_files_exist(root, runs, cfg.subject)
     test_ids = nsd.load_test_ids(root)
     items: list[nsd.RunEvents] = []
@@ -182,6 +183,18 @@ def list_trials(cfg: "NsdDatasetConfig", check_windows: bool = True) -> tuple[li
         logger.warning("subject %d, train: %d event(s) left out, their window (volumes t%+d .. t%+d) running past the "
                        "start or end of their run", cfg.subject, dropped, start, end - 1)
     return items, trials
+
+
+def first_sessions(sessions: tp.Iterable[int], k: int | None, whose: str) -> list[int]:
+    """The first ``k`` of ``sessions`` in chronological (increasing) order (all of them without ``k``); more than
+    there are is an error."""
+    sessions = sorted(set(sessions))
+    if k is None:
+        return sessions
+    if k > len(sessions):
+        raise nsd.NsdDataError(f"first_sessions={k} (--first-sessions) but {whose} has {len(sessions)} session(s) "
+                               f"to choose from ({', '.join(map(str, sessions))}): ask for {len(sessions)} or fewer")
+    return sessions[:k]
 
 
 def data_digest(cfg: "NsdDatasetConfig") -> str:

@@ -332,3 +332,28 @@ def test_prepare_data_synthetic_bids_writes_then_checks_and_caches_it(tmp_path, 
         prepare_data.main(["--format", "bids", "--path", str(root)])  # --format without --synthetic
     with pytest.raises(SystemExit):
         prepare_data.main(["--synthetic", "--format", "bids", "--tr", "0", "--path", str(tmp_path / "x")])
+
+
+# --- the first K sessions (a new subject's first hours) ------------------------------------------------------
+
+
+def test_first_sessions_keeps_the_first_k_in_chronological_order(tmp_path, synthetic_nsd):
+    root, _ = synthetic_nsd  # NSD layout: sessions 1 and 21 of subject 1
+    base = dict(nsddata_path=root, subject=1, split="train", sessions=[21, 1], infra={"folder": tmp_path / "c"})
+    items, _ = list_trials(NsdDatasetConfig(**base, first_sessions=1))
+    assert {item.run.session for item in items} == {1}
+    items, _ = list_trials(NsdDatasetConfig(**base, first_sessions=2))
+    assert {item.run.session for item in items} == {1, 21}
+    with pytest.raises(Exception, match=r"first_sessions=3 \(--first-sessions\) but NSD subject 1 has 2 session"):
+        list_trials(NsdDatasetConfig(**base, first_sessions=3))
+    # BIDS: the ses- labels by their number (the tiny dataset has ses-01 only)
+    bids_root = write_tiny_bids(tmp_path / "ds")
+    items, _ = list_trials(_cfg(bids_root).model_copy(update={"first_sessions": 1}))
+    assert len(items) == 2
+    _one_line_error(_cfg(bids_root).model_copy(update={"first_sessions": 2}), "first_sessions=2", "sub-01",
+                    "has 1 session(s)")
+    from scripts import load_script
+
+    train = load_script("train")
+    cfg = train.build_config(train.parse_args(["--subject", "1", "--first-sessions", "1"]))
+    assert cfg.data.nsd_dataset_config.first_sessions == 1
