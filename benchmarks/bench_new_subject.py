@@ -10,7 +10,8 @@ then, through train.py's and eval.py's configurations:
 2. for each K of ``--sessions``: subject 1's first K sessions (``--first-sessions K``), ``--steps`` steps each,
    fine-tuned from that model (``--init-from``, the subject layer alone for ``--layer-steps`` first) and from
    scratch, the same steps and settings otherwise;
-3. evaluate each on subject 1's test images, repetitions averaged: PixCorr and pixel two-way identification.
+3. evaluate each on subject 1's test images, repetitions averaged: PixCorr and pixel two-way identification;
+4. the schedule: with the fewest sessions, fine-tuned again without the subject-layer-only steps.
 
 Writes ``learning_curve.png``, ``learning_curve.md`` and ``learning_curve.json`` in ``--out``; prints the table.
 
@@ -93,22 +94,24 @@ def main(argv=None) -> None:
                        f"checkpoint_every={args.pretrain_steps}", "--subjects", *map(str, others))
     rows = []
     (out / "eval").mkdir(exist_ok=True)
-    for k in args.sessions:
-        for how, extra in (("fine-tuned", ["--init-from", str(pretrained), f"init_subject_steps={args.layer_steps}"]),
-                           ("scratch", [])):
-            ckpt = train(f"{how}_{k}", "--subject", str(NEW), "--first-sessions", str(k), f"steps={args.steps}",
-                         f"val_every={args.steps}", f"checkpoint_every={args.steps}", *extra)
-            argv = ["--subject", str(NEW), "--cache", str(out / "eval" / f"{how}_{k}"), "--checkpoint", str(ckpt),
-                    "--vd_cache_dir", str(vd), "--device", "cpu", "--metrics", "pixcorr,ssim", "--batch-size",
-                    str(s.generation_batch), "--averaged-trial", *common,
-                    f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
-            result = evaluate(eval_script.resolve_config(eval_script.parse_args(argv)))
-            ident = pixel_identification_from_folder(Path(result["output_dir"]), result["n_images"],
-                                                     result["identification"])
-            rows.append({"sessions": k, "how": how, "pixcorr": result["means"]["pixcorr"],
-                         "pixcorr_shuffled": result["shuffled"]["pixcorr"], "pixel_identification": ident,
-                         "n_images": result["n_images"]})
-            print(json.dumps(rows[-1]), flush=True)
+    fine = ["--init-from", str(pretrained), f"init_subject_steps={args.layer_steps}"]
+    runs = [(k, how, extra) for k in args.sessions for how, extra in (("fine-tuned", fine), ("scratch", []))]
+    runs.append((min(args.sessions), "fine-tuned, no layer-only steps", fine[:2]))
+    for k, how, extra in runs:
+        name = {"fine-tuned": "fine-tuned", "scratch": "scratch"}.get(how, "fine-tuned-all-at-once")  # its folder
+        ckpt = train(f"{name}_{k}", "--subject", str(NEW), "--first-sessions", str(k), f"steps={args.steps}",
+                     f"val_every={args.steps}", f"checkpoint_every={args.steps}", *extra)
+        argv = ["--subject", str(NEW), "--cache", str(out / "eval" / f"{name}_{k}"), "--checkpoint", str(ckpt),
+                "--vd_cache_dir", str(vd), "--device", "cpu", "--metrics", "pixcorr,ssim", "--batch-size",
+                str(s.generation_batch), "--averaged-trial", *common,
+                f"versatilediffusion_config.num_inference_steps={s.num_inference_steps}"]
+        result = evaluate(eval_script.resolve_config(eval_script.parse_args(argv)))
+        ident = pixel_identification_from_folder(Path(result["output_dir"]), result["n_images"],
+                                                 result["identification"])
+        rows.append({"sessions": k, "how": how, "pixcorr": result["means"]["pixcorr"],
+                     "pixcorr_shuffled": result["shuffled"]["pixcorr"], "pixel_identification": ident,
+                     "n_images": result["n_images"]})
+        print(json.dumps(rows[-1]), flush=True)
     (out / "learning_curve.json").write_text(json.dumps({"rows": rows, "args": vars(args) | {"out": str(out)},
                                                          "seconds": time.perf_counter() - t0}, indent=1))
     lines = ["| sessions of subject 1 | fine-tuned: PixCorr | from scratch: PixCorr | fine-tuned: identification "
@@ -118,6 +121,10 @@ def main(argv=None) -> None:
         c = next(r for r in rows if r["sessions"] == k and r["how"] == "scratch")
         lines.append(f"| {k} | {f['pixcorr']:.3f} | {c['pixcorr']:.3f} | {f['pixel_identification']:.3f} | "
                      f"{c['pixel_identification']:.3f} |")
+    for r in rows:
+        if r["how"] == "fine-tuned, no layer-only steps":
+            lines.append(f"| {r['sessions']}, fine-tuned without the {args.layer_steps} subject-layer-only steps | "
+                         f"{r['pixcorr']:.3f} | | {r['pixel_identification']:.3f} | |")
     table = "\n".join(lines)
     (out / "learning_curve.md").write_text(table + "\n")
     print(table)
