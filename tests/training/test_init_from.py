@@ -124,3 +124,15 @@ def test_a_checkpoint_that_records_no_subjects_is_refused(two_subjects, tmp_path
     args[args.index("--init-from") + 1] = str(bare)
     with pytest.raises(ConfigError, match="records no subjects"):
         script.build_config(script.parse_args(args))
+
+
+def test_a_subject_the_checkpoint_holds_reuses_its_layer(two_subjects, tmp_path):
+    script = load_script("train")
+    args = two_subjects["args"](tmp_path / "run")
+    args[args.index("--subject") + 1] = "2"  # the pretrained model's own subject: its layer trains on, none added
+    cfg = script.build_config(script.parse_args(args))
+    assert cfg.init_subjects == [2] and cfg.model_subjects == [2]
+    from dynadiff.training.pretrained import Holds
+
+    model = training.init_model(cfg, training.build_training_data(cfg))
+    assert Holds(model, cfg).held == []  # nothing held: the run has data for every layer
