@@ -381,11 +381,9 @@ def main_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if args.synthetic:
         from dynadiff.data.synthetic_bids import write_synthetic_bids
-        from dynadiff.data.synthetic import check_target
 
         subjects = nsd_subjects(parser, args.subjects)
-        try:
-            check_target(args.path)
+        try:  # refuses a folder it may not write into before writing anything
             info = write_synthetic_bids(args.path, subjects=subjects, seed=args.seed, hrf_peak_s=args.hrf_peak_s,
                                         **({"tr": args.tr} if args.tr is not None else {}))
         except bids.BidsDataError as e:
@@ -416,7 +414,7 @@ def check_bids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         source = windows_config(args, 0, "test", sessions).bids
         layout = bids.open_layout(source)
         if args.subjects is None:
-            numbers = [bids._label_number(label) for label in sorted(layout.get_subjects())]
+            numbers = [bids.label_number(label) for label in sorted(layout.get_subjects())]
             subjects = sorted(n for n in numbers if n is not None)
         else:
             try:

@@ -76,7 +76,7 @@ class BidsRun:
         return self.bold
 
 
-def _label_number(label: str) -> int | None:
+def label_number(label: str) -> int | None:
     """The number a label ends with (``01`` -> 1, ``CSI3`` -> 3), or None."""
     m = re.search(r"(\d+)$", label)
     return int(m.group(1)) if m else None
@@ -113,7 +113,7 @@ def open_layout(src: "BidsSource"):
 def subject_label(layout, subject: int) -> str:
     """The participant label of subject number ``subject``: the one ending in that number (01, CSI1, ...)."""
     labels = sorted(layout.get_subjects())
-    matches = [label for label in labels if _label_number(label) == subject]
+    matches = [label for label in labels if label_number(label) == subject]
     if len(matches) == 1:
         return matches[0]
     shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
@@ -198,28 +198,17 @@ def list_runs(cfg: "NsdDatasetConfig") -> list[BidsRun]:
                                 "data.nsd_dataset_config.bids.space")
     # one query for all the events (and the brain masks), matched to the runs by their entities: a query per run
     # costs pybids a database round trip each
-    events = _by_entities(layout.get(subject=label, suffix="events", extension=".tsv"), _RUN_ENTITIES, Path(src.root))
-    masks = {} if src.mask is not None or src.derivatives is None else _by_entities(
+    derivatives = Path(src.derivatives) if src.derivatives is not None else None
+    events = _by_entities(layout.get(subject=label, suffix="events", extension=".tsv"), _RUN_ENTITIES, derivatives)
+    masks = {} if src.mask is not None or derivatives is None else _by_entities(
         layout.get(scope="derivatives", subject=label, suffix="mask", desc="brain", extension=[".nii.gz", ".nii"]),
-        _RUN_ENTITIES + ("space",), Path(src.derivatives))
-    if cfg.first_sessions is not None:  # the first K sessions in chronological order (their labels' numbers)
-        from dynadiff.data.dataset import first_sessions
-
-        present = {_label_number(str(b.entities["session"])) for b in bolds if b.entities.get("session") is not None}
-        present.discard(None)
-        if cfg.sessions is not None:
-            present &= set(cfg.sessions)
-        try:
-            keep = set(first_sessions(present, cfg.first_sessions, f"sub-{label} in {where}"))
-        except nsd.NsdDataError as e:
-            raise BidsDataError(str(e)) from None
+        _RUN_ENTITIES + ("space",), None)
+    sessions = _sessions(cfg, bolds, f"sub-{label} in {where}")  # None: every run, with a session or not
     runs: list[BidsRun] = []
     for bold in bolds:
         ent = bold.entities
         session, run = ent.get("session"), ent.get("run")
-        if cfg.sessions is not None and (session is None or _label_number(str(session)) not in cfg.sessions):
-            continue
-        if cfg.first_sessions is not None and (session is None or _label_number(str(session)) not in keep):
+        if sessions is not None and (session is None or label_number(str(session)) not in sessions):
             continue
         if src.runs is not None and (run is None or int(run) not in src.runs):
             continue
@@ -251,13 +240,35 @@ def _key(entities: dict, names: tuple[str, ...]) -> tuple:
     return tuple(str(entities.get(name)) for name in names)
 
 
-def _by_entities(files, names: tuple[str, ...], preferred: Path) -> dict[tuple, Path]:
-    """Files by their entities ``names``; where two share them, the one under ``preferred`` (the raw dataset's
-    events over a derivative's copy)."""
+def _by_entities(files, names: tuple[str, ...], derivatives: Path | None) -> dict[tuple, Path]:
+    """Files by their entities ``names``; where two share them, the raw dataset's over a copy under
+    ``derivatives`` (which often lies inside the raw dataset's folder)."""
+    def raw(f) -> bool:
+        return derivatives is None or not Path(f.path).is_relative_to(derivatives)
+
     out: dict[tuple, Path] = {}
-    for f in sorted(files, key=lambda f: Path(f.path).is_relative_to(preferred)):  # preferred ones last: they win
+    for f in sorted(files, key=raw):  # the raw ones last: they win
         out[_key(f.entities, names)] = Path(f.path)
     return out
+
+
+def _sessions(cfg: "NsdDatasetConfig", bolds, whose: str) -> set[int] | None:
+    """The session numbers whose runs are read: ``sessions``, then the first ``first_sessions`` of them (of those
+    present, in chronological order); None where neither is given."""
+    if cfg.sessions is None and cfg.first_sessions is None:
+        return None
+    present = {label_number(str(b.entities["session"])) for b in bolds if b.entities.get("session") is not None}
+    present.discard(None)
+    if cfg.sessions is not None:
+        present &= set(cfg.sessions)
+    if cfg.first_sessions is None:
+        return present
+    from dynadiff.data.dataset import first_sessions
+
+    try:
+        return set(first_sessions(present, cfg.first_sessions, whose))
+    except nsd.NsdDataError as e:
+        raise BidsDataError(str(e)) from None
 
 
 def _mask_path(src: "BidsSource", label: str, brain_mask: Path | None, bold: Path) -> Path:

@@ -357,3 +357,24 @@ def test_first_sessions_keeps_the_first_k_in_chronological_order(tmp_path, synth
     train = load_script("train")
     cfg = train.build_config(train.parse_args(["--subject", "1", "--first-sessions", "1"]))
     assert cfg.data.nsd_dataset_config.first_sessions == 1
+
+
+def test_the_raw_events_win_over_a_copy_in_the_derivatives(tmp_path):
+    """A derivatives folder inside the dataset, whose name sorts after sub-*, with an events.tsv of its own for run
+    1: the raw dataset's events are the ones read (a derivative's copy was picked when it came last)."""
+    root = write_tiny_bids(tmp_path / "ds")
+    deriv = root / "zz_prep"
+    (deriv / "sub-01/ses-01/func").mkdir(parents=True)
+    (deriv / "dataset_description.json").write_text(json.dumps(
+        {"Name": "prep", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": "test"}]}))
+    rng = np.random.default_rng(0)
+    for run in (1, 2):
+        stem = deriv / f"sub-01/ses-01/func/sub-01_ses-01_task-img_run-{run}"
+        _nifti(Path(f"{stem}_desc-preproc_bold.nii.gz"), rng.standard_normal(SHAPE + (30,)).astype(np.float32), tr=2.0)
+        Path(f"{stem}_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": 2.0}))
+    _events(deriv / "sub-01/ses-01/func/sub-01_ses-01_task-img_run-1_events.tsv", [(6.0, "e.png")])
+    items, _ = list_trials(_cfg(root, derivatives=deriv))
+    assert [item.run.events for item in items] == [
+        root / f"sub-01/ses-01/func/sub-01_ses-01_task-img_run-{run}_events.tsv" for run in (1, 2)]
+    assert [item.volumes for item in items] == [(2.0, 30.0), (4.0, 26.0)]
+    assert all(item.run.bold.is_relative_to(deriv) for item in items)  # the preprocessed runs, with the raw events
