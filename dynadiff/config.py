@@ -111,6 +111,11 @@ class NsdDatasetConfig(StrictModel):
             v = sorted(set(v))
         return v
 
+    @property
+    def data_folder(self) -> Path:
+        """The folder the data is read from: the BIDS dataset's, else the NSD folder."""
+        return Path(self.bids.root) if self.bids is not None else Path(self.nsddata_path)
+
     @pydantic.field_validator("image_size")
     @classmethod
     def _positive_size(cls, v: int) -> int:

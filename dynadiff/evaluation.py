@@ -307,8 +307,7 @@ def run_record(cfg: EvalConfig, checkpoint: Path, n_images: int) -> dict:
     nsd_cfg = cfg.data.nsd_dataset_config
     return {"run_id": cfg.run_id, "uid": cfg.infra.uid(), "subject": nsd_cfg.subject, "averaged": nsd_cfg.averaged,
             "checkpoint": str(checkpoint), "checkpoint_digest": cfg.checkpoint_digest,
-            "data": str(nsd_cfg.bids.root if nsd_cfg.bids else nsd_cfg.nsddata_path), "data_digest": cfg.data_digest,
-            "n_images": n_images}
+            "data": str(nsd_cfg.data_folder), "data_digest": cfg.data_digest, "n_images": n_images}
 
 
 def stray_images(folder: Path, n: int) -> list[Path]:

@@ -130,8 +130,8 @@ def build_config(args: argparse.Namespace):
         train_section = load_infra_yaml(args.infra_yaml).get("train")
         if train_section is not None and train_section.folder is None:  # null: the cache folder (--cache wins)
             overrides.append("infra.folder=./cache")
-    overrides += flag_overrides(args)
-    items = overrides + list(args.overrides)
+    flags = flag_overrides(args)
+    items = overrides + flags + list(args.overrides)
     if args.init_from is not None:
         items.append(f"init_from={json.dumps(str(args.init_from))}")
     if any(item.split("=", 1)[0].strip() == "init_from" for item in items):
@@ -140,7 +140,7 @@ def build_config(args: argparse.Namespace):
 
         # completed from the checkpoint it starts from (its subjects, width, brain module, window, LoRA)
         return with_pretrained(override_tree(TrainConfig, base_config(args), items),
-                               given_keys([*flag_overrides(args), *args.overrides]))
+                               given_keys([*flags, *args.overrides]))
     return apply_overrides(TrainConfig, base_config(args), items)
 
 

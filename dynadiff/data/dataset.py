@@ -291,6 +291,15 @@ class NsdDataset:
         }
 
 
+def image_paths(cfg: "NsdDatasetConfig") -> tp.Callable[[int], Path]:
+    """Image id -> its file: NSD's prepared PNG, or the BIDS source's stimulus."""
+    if cfg.bids is not None:
+        from dynadiff.data import bids
+
+        return functools.partial(bids.image_path, cfg.bids)
+    return functools.partial(nsd.stimulus_png, Path(cfg.nsddata_path))
+
+
 def load_stimulus(root: Path, nsd_id: int, size: int = 512) -> np.ndarray:
     return load_image(nsd.stimulus_png(root, nsd_id), size)
 
@@ -307,17 +316,14 @@ def build_dataset(cfg: "NsdDatasetConfig", subject_idx: int = 0) -> NsdDataset:
     root = Path(cfg.nsddata_path)
     items, trials = list_trials(cfg)
     if not trials:
-        raise nsd.NsdDataError(f"no {cfg.split} events for subject {cfg.subject} under "
-                               f"{cfg.bids.root if cfg.bids is not None else root}")
+        raise nsd.NsdDataError(f"no {cfg.split} events for subject {cfg.subject} under {cfg.data_folder}")
     samples = select_samples(trials, cfg.split, cfg.averaged, cfg.seed)
     if cfg.bids is not None:  # every image named by the events was found when the trials were listed
-        from dynadiff.data import bids
-
         logger.info("subject %d (BIDS), %s: %d events in %d runs -> %d samples", cfg.subject, cfg.split, len(trials),
                     len(items), len(samples))
         windows = list(cfg.run_windows(items))
-        return NsdDataset(windows, samples, Path(cfg.bids.root), cfg.image_size, subject_idx=subject_idx,
-                          image_path=functools.partial(bids.image_path, cfg.bids))
+        return NsdDataset(windows, samples, cfg.data_folder, cfg.image_size, subject_idx=subject_idx,
+                          image_path=image_paths(cfg))
     missing = sorted({s[0].nsd_id for s in samples if not nsd.stimulus_png(root, s[0].nsd_id).exists()})
     if missing:
         raise nsd.NsdDataError(

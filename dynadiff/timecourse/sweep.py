@@ -162,8 +162,7 @@ def run_timecourse(decoders: tp.Sequence[SweepModel], offsets: tp.Sequence[int] 
             "run_id": rid, "mode": "sliding" if sliding else "per-offset models",
             "subject": nsd_cfg.subject, "averaged": nsd_cfg.averaged,
             "checkpoints": [str(d.checkpoint) for d in decoders],
-            "checkpoint_digests": [d.cfg.checkpoint_digest for d in decoders],
-            "data": str(nsd_cfg.bids.root if nsd_cfg.bids else nsd_cfg.nsddata_path),
+            "checkpoint_digests": [d.cfg.checkpoint_digest for d in decoders], "data": str(nsd_cfg.data_folder),
             "data_digest": cfg.data_digest, "tr_s": TR, "n_trs": window.n_trs if sliding else
             [d.window.n_trs for d in decoders], "model_offset": window.offset if sliding else None,
             "model_window_source": [d.window.source for d in decoders], "n_images": n, "nsd_ids": data.nsd_ids[:n],

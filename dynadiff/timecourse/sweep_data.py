@@ -24,7 +24,7 @@ class SweepData:
         from dynadiff.data.dataset import list_trials, select_samples
 
         self.cfg = nsd_cfg
-        self.root = Path(nsd_cfg.nsddata_path if nsd_cfg.bids is None else nsd_cfg.bids.root)
+        self.root = nsd_cfg.data_folder
         items, trials = list_trials(nsd_cfg, check_windows=False)
         if not trials:
             raise nsd.NsdDataError(f"no test events for subject {nsd_cfg.subject} under {self.root}")
@@ -44,12 +44,9 @@ class SweepData:
 
     def image(self, index: int, size: int) -> np.ndarray:
         """(size, size, 3) uint8: the stimulus of sample ``index``."""
-        from dynadiff.data import bids, nsd
-        from dynadiff.data.dataset import load_image
+        from dynadiff.data.dataset import image_paths, load_image
 
-        image_id = self.nsd_ids[index]
-        return load_image(bids.image_path(self.cfg.bids, image_id) if self.cfg.bids is not None
-                          else nsd.stimulus_png(self.root, image_id), size)
+        return load_image(image_paths(self.cfg)(self.nsd_ids[index]), size)
 
     @property
     def n_voxels(self) -> int:

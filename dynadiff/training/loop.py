@@ -119,8 +119,7 @@ def optimizer_step(model, opt: torch.optim.Optimizer, params: list[torch.nn.Para
         scaler.unscale_(opt)
     if holds is not None:
         holds.before_step(step)
-    live = [p for p in params if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(live, grad_clip if grad_clip is not None else float("inf")))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
     if scaler:
         scaler.step(opt)
         scaler.update()

@@ -27,13 +27,12 @@ class Holds:
 
     def __init__(self, model, cfg: TrainConfig) -> None:
         trained = set(cfg.subjects)
-        self.held = [i for i, s in enumerate(cfg.model_subjects) if cfg.init_subjects and s in cfg.init_subjects
-                     and s not in trained]
+        self.held = [i for i, s in enumerate(cfg.model_subjects) if s in cfg.init_subjects and s not in trained]
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.layers = {n: p for n, p in params.items() if n.startswith(SUBJECT_LAYERS)}
         self.others = [p for n, p in params.items() if not n.startswith(SUBJECT_LAYERS)]
         self.saved = {n: p.detach()[self.held].clone() for n, p in self.layers.items()} if self.held else {}
-        self.layers_only_until = cfg.init_subject_steps if cfg.init_from is not None else 0
+        self.layers_only_until = cfg.init_subject_steps
 
     def before_step(self, step: int) -> None:
         """After the backward pass: during the first steps, only the subject layers keep their gradients."""
